@@ -1,0 +1,1 @@
+"""Datasets, info files and the synthetic nuScenes writer."""

@@ -1,0 +1,1 @@
+"""The detector: backbone, neck, BEV encoder, decoder, head. Imports only torch and numpy."""
