@@ -13,9 +13,10 @@
 //   - Coordinates, bilinear weights and every sum are in at::opmath_type<scalar_t>: float for float / half /
 //     bfloat16, double for double. For half / bfloat16 grad_value is accumulated in a zero-initialised float
 //     buffer (float atomics are native; 16-bit ones are CAS loops before sm_90) and cast at the end.
-//   - Sampling follows grid_sample(bilinear, zeros, align_corners=False). Samples off the map are skipped before
-//     any float -> int conversion; a non-finite location reads nothing and turns its (b, q, m) output, its
-//     grad_loc and its grad_weight into NaN.
+//   - Sampling follows grid_sample(bilinear, zeros, align_corners=False) and the CPU kernel (msda_cpu.cpp):
+//     samples with pixel < -1 or >= size are skipped before any float -> int conversion (pixel == -1 keeps
+//     grid_sample's one-sided gradient); a non-finite pixel coordinate reads nothing and turns its (b, q, m)
+//     output, its grad_loc and its grad_weight into NaN.
 //   - Every offset into value / grad_value / output / locations / weights is int64: B * S * M * D and
 //     B * Q * M * L * P pass 2^31 at encoder scale.
 #include "msda.h"
@@ -120,9 +121,10 @@ __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000LL);
 }
 
-// ptr[i] += scale * g[i] for i < V, atomically per element. ptr is aligned to V * sizeof(acc_t) (the element
-// offset is a multiple of V and the buffer is a fresh allocation, asserted on the host). sm_90 has native
-// float2 / float4 atomic adds: one instruction instead of V.
+// ptr[i] += scale * g[i] for i < V, atomically per element. sm_90 has native float2 / float4 atomic adds (one
+// instruction instead of V); they need ptr + j 16-byte aligned (V % 4 == 0) or ptr 8-byte aligned (V == 2). Both
+// hold: the element offset into the buffer is a multiple of V (D % V == 0, channel c a multiple of V) and the
+// buffer's base is 16-byte aligned (a fresh allocation, asserted on the host).
 template <int V, typename acc_t>
 __device__ __forceinline__ void atomic_add_scaled(acc_t* ptr, const acc_t (&g)[V], const acc_t scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -168,10 +170,12 @@ struct Footprint {
 };
 
 // grid_sample(bilinear, zeros, align_corners=False): pixel = loc * size - 0.5, corners floor(pixel) and
-// floor(pixel) + 1, off-map corners read as 0. Returns kOnMap and fills fp only when -1 < x < W and -1 < y < H.
+// floor(pixel) + 1, off-map corners read as 0. Returns kOnMap and fills fp only when -1 <= x < W and -1 <= y < H.
+// x == -1 exactly touches column 0 with weight 0 but has grid_sample's one-sided gradient there (as the CPU kernel
+// in msda_cpu.cpp and tests/test_msda.py's pixel -1 case expect); x == W touches nothing.
 // The test is written so that NaN fails it, and it runs before any float -> int conversion, so NaN, +-inf and
-// huge finite locations never reach one. Exactly -1 or exactly W counts as off the map (zero gradient), as in the
-// contract of msda.h.
+// huge values never reach one. Non-finite is judged on the pixel coordinate, like the CPU kernel: a finite location
+// whose loc * size overflows counts as non-finite too (only reachable in float32 with |loc| > 3.4e38 / size).
 template <typename acc_t>
 __device__ __forceinline__ SampleKind locate_sample(const acc_t loc_x, const acc_t loc_y, const int64_t level_start,
                                                    const int64_t H, const int64_t W, Footprint<acc_t>& fp) {
@@ -179,9 +183,9 @@ __device__ __forceinline__ SampleKind locate_sample(const acc_t loc_x, const acc
   const acc_t h_f = static_cast<acc_t>(H);
   const acc_t x = loc_x * w_f - acc_t(0.5);
   const acc_t y = loc_y * h_f - acc_t(0.5);
-  if (!(x > acc_t(-1) && x < w_f && y > acc_t(-1) && y < h_f)) {
-    // Finite but off the map contributes nothing; a NaN / inf location poisons the (b, q, m) output.
-    return (isfinite(loc_x) && isfinite(loc_y)) ? SampleKind::kOffMap : SampleKind::kNonFinite;
+  if (!(x >= acc_t(-1) && x < w_f && y >= acc_t(-1) && y < h_f)) {
+    // Finite but off the map contributes nothing; NaN / inf poisons the (b, q, m) output.
+    return (isfinite(x) && isfinite(y)) ? SampleKind::kOffMap : SampleKind::kNonFinite;
   }
   const acc_t x0_f = floor(x);
   const acc_t y0_f = floor(y);
@@ -267,34 +271,20 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
             continue;
           }
           const acc_t weight = static_cast<acc_t>(weight_g[sample]);
-          // Element offsets of the four corners in value_bm: s * md + c with s = s00, s00 + 1, s00 + W,
-          // s00 + W + 1. Only dereferenced when the corner is on the map (s00 may be off the level).
+          // Corners k = 0..3 are (y0, x0), (y0, x1), (y1, x0), (y1, x1): S index s00, s00 + 1, s00 + W,
+          // s00 + W + 1, at element offset s * md + c in value_bm. Only dereferenced when the corner is on the map
+          // (s00 may be outside the level, even negative); off-map corners read as 0 and are skipped.
+          const bool corner_in[4] = {fp.y0_in && fp.x0_in, fp.y0_in && fp.x1_in, fp.y1_in && fp.x0_in,
+                                     fp.y1_in && fp.x1_in};
+          const acc_t bw[4] = {fp.wy0 * fp.wx0, fp.wy0 * fp.wx1, fp.wy1 * fp.wx0, fp.wy1 * fp.wx1};
           const int64_t off00 = fp.s00 * md + c;
-          const int64_t off01 = off00 + md;
-          const int64_t off10 = off00 + W * md;
-          const int64_t off11 = off10 + md;
-          acc_t v[V];
-          if (fp.y0_in && fp.x0_in) {
-            load_pack<scalar_t, V>(value_bm + off00, v);
-            const acc_t cw = weight * fp.wy0 * fp.wx0;
+          const int64_t corner_off[4] = {off00, off00 + md, off00 + W * md, off00 + (W + 1) * md};
 #pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] += cw * v[i];
-          }
-          if (fp.y0_in && fp.x1_in) {
-            load_pack<scalar_t, V>(value_bm + off01, v);
-            const acc_t cw = weight * fp.wy0 * fp.wx1;
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] += cw * v[i];
-          }
-          if (fp.y1_in && fp.x0_in) {
-            load_pack<scalar_t, V>(value_bm + off10, v);
-            const acc_t cw = weight * fp.wy1 * fp.wx0;
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] += cw * v[i];
-          }
-          if (fp.y1_in && fp.x1_in) {
-            load_pack<scalar_t, V>(value_bm + off11, v);
-            const acc_t cw = weight * fp.wy1 * fp.wx1;
+          for (int k = 0; k < 4; ++k) {
+            if (!corner_in[k]) continue;
+            acc_t v[V];
+            load_pack<scalar_t, V>(value_bm + corner_off[k], v);
+            const acc_t cw = weight * bw[k];
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[i] += cw * v[i];
           }
@@ -395,15 +385,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_kern
         acc_t sum_y = acc_t(0);       // sum_c g[c] * d bilinear[c] / d y_pix    -> grad_loc_y / (weight * H)
         if (kind == SampleKind::kOnMap) {
           weight = static_cast<acc_t>(weight_g[sample]);
-          const bool in00 = fp.y0_in && fp.x0_in;
-          const bool in01 = fp.y0_in && fp.x1_in;
-          const bool in10 = fp.y1_in && fp.x0_in;
-          const bool in11 = fp.y1_in && fp.x1_in;
-          // d out / d value[corner] = weight * corner bilinear weight
-          const acc_t scale00 = weight * fp.wy0 * fp.wx0;
-          const acc_t scale01 = weight * fp.wy0 * fp.wx1;
-          const acc_t scale10 = weight * fp.wy1 * fp.wx0;
-          const acc_t scale11 = weight * fp.wy1 * fp.wx1;
+          // Corners k = 0..3 are (y0, x0), (y0, x1), (y1, x0), (y1, x1): S index s00, s00 + 1, s00 + W, s00 + W + 1.
+          // With dot_k = sum_c g[c] * v_k[c] (v_k = 0 off the map, so those corners are skipped):
+          //   out         = sum_k bw_k * v_k   -> grad_weight += bw_k * dot_k
+          //   d / d x_pix = sum_k dx_k * v_k   with dx = (-wy0, +wy0, -wy1, +wy1), since wx1 = x - x0, wx0 = 1 - wx1
+          //   d / d y_pix = sum_k dy_k * v_k   with dy = (-wx0, -wx1, +wx0, +wx1)
+          //   d / d v_k   = weight * bw_k      -> scattered into grad_value
+          const bool corner_in[4] = {fp.y0_in && fp.x0_in, fp.y0_in && fp.x1_in, fp.y1_in && fp.x0_in,
+                                     fp.y1_in && fp.x1_in};
+          const acc_t bw[4] = {fp.wy0 * fp.wx0, fp.wy0 * fp.wx1, fp.wy1 * fp.wx0, fp.wy1 * fp.wx1};
+          const acc_t dx[4] = {-fp.wy0, fp.wy0, -fp.wy1, fp.wy1};
+          const acc_t dy[4] = {-fp.wx0, -fp.wx1, fp.wx0, fp.wx1};
 
           for (int vec = lane; vec < num_vecs; vec += group_size) {
             const int c = vec * V;  // first channel of this vector
@@ -414,34 +406,23 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_kern
             } else {
               load_pack<scalar_t, V>(grad_out_g + c, g);
             }
-            // Element offsets of the four corners in value_bm / grad_value_bm: s * md + c with s = s00,
-            // s00 + 1, s00 + W, s00 + W + 1. Only dereferenced when the corner is on the map.
+            // Element offsets of the corners in value_bm / grad_value_bm: s * md + c. Only dereferenced when the
+            // corner is on the map (s00 may be outside the level, even negative).
             const int64_t off00 = fp.s00 * md + c;
-            const int64_t off01 = off00 + md;
-            const int64_t off10 = off00 + W * md;
-            const int64_t off11 = off10 + md;
-            // Off-map corners read as 0 (zero padding) without touching memory.
-            acc_t v00[V], v01[V], v10[V], v11[V];
+            const int64_t corner_off[4] = {off00, off00 + md, off00 + W * md, off00 + (W + 1) * md};
 #pragma unroll
-            for (int i = 0; i < V; ++i) v00[i] = v01[i] = v10[i] = v11[i] = acc_t(0);
-            if (in00) load_pack<scalar_t, V>(value_bm + off00, v00);
-            if (in01) load_pack<scalar_t, V>(value_bm + off01, v01);
-            if (in10) load_pack<scalar_t, V>(value_bm + off10, v10);
-            if (in11) load_pack<scalar_t, V>(value_bm + off11, v11);
+            for (int k = 0; k < 4; ++k) {
+              if (!corner_in[k]) continue;
+              acc_t v[V];
+              load_pack<scalar_t, V>(value_bm + corner_off[k], v);
+              acc_t dot = acc_t(0);
 #pragma unroll
-            for (int i = 0; i < V; ++i) {
-              const acc_t top = fp.wx0 * v00[i] + fp.wx1 * v01[i];  // row y0 interpolated along x
-              const acc_t bottom = fp.wx0 * v10[i] + fp.wx1 * v11[i];  // row y1
-              sum_weight += g[i] * (fp.wy0 * top + fp.wy1 * bottom);
-              // d/dx: wx1 = x - x0 and wx0 = 1 - wx1, so each row contributes (right - left).
-              sum_x += g[i] * (fp.wy0 * (v01[i] - v00[i]) + fp.wy1 * (v11[i] - v10[i]));
-              // d/dy: wy1 = y - y0, so the result moves by (bottom row - top row).
-              sum_y += g[i] * (bottom - top);
+              for (int i = 0; i < V; ++i) dot += g[i] * v[i];
+              sum_weight += bw[k] * dot;
+              sum_x += dx[k] * dot;
+              sum_y += dy[k] * dot;
+              atomic_add_scaled<V>(grad_value_bm + corner_off[k], g, weight * bw[k]);
             }
-            if (in00) atomic_add_scaled<V>(grad_value_bm + off00, g, scale00);
-            if (in01) atomic_add_scaled<V>(grad_value_bm + off01, g, scale01);
-            if (in10) atomic_add_scaled<V>(grad_value_bm + off10, g, scale10);
-            if (in11) atomic_add_scaled<V>(grad_value_bm + off11, g, scale11);
           }
           // Butterfly over the group's lanes: lane ^ offset stays inside the group for offset < G, and after
           // log2(G) steps every lane holds the group total. Lanes without channels add zeros.
@@ -480,7 +461,8 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Device& devic
               ", expected the device of value, ", device);
   TORCH_CHECK(t.scalar_type() == dtype, "ms_deform_attn (CUDA): ", name, " has dtype ", t.scalar_type(),
               ", expected ", dtype);
-  TORCH_CHECK(t.is_contiguous(), "ms_deform_attn (CUDA): ", name, " must be contiguous (the Python wrapper makes it so)");
+  TORCH_CHECK(t.is_contiguous(), "ms_deform_attn (CUDA): ", name,
+              " must be contiguous (the Python wrapper makes it so)");
 }
 
 // Sizes shared by forward and backward; checks shapes (cheap, no device sync: the values of spatial_shapes and
