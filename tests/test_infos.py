@@ -1,7 +1,6 @@
 """Info files on the synthetic nuScenes set, checked against the devkit's own records and its DetectionEval."""
 
 import json
-import math
 import os
 import re
 import runpy
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 from nuscenes import NuScenes
 from nuscenes.eval.common.utils import quaternion_yaw
-from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import BoxVisibility, view_points
 from pyquaternion import Quaternion
 

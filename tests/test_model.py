@@ -226,16 +226,25 @@ def test_history_skips_frames_nothing_depends_on():
     assert len(calls) == 1
 
 
-def test_overfits_one_batch():
-    """Loss falls 10x on one fixed batch (random images, three planted boxes) within a bounded number of steps."""
-    model = tiny_model(dropout=0.0, num_cameras=2)  # two cameras: a third of the cost, the same machinery
+def test_overfits_one_synthetic_batch(tmp_path):
+    """Loss falls 10x on one real batch of the synthetic nuScenes set (6 rendered cameras, its GT boxes)."""
+    from bevdeform.data.dataset import NuScenesCameraDataset, collate
+    from bevdeform.data.infos import create_infos
+    from bevdeform.data.synthetic import write_synthetic_nuscenes
+
+    root = write_synthetic_nuscenes(
+        tmp_path / "synthetic", num_scenes=1, num_val_scenes=1, samples_per_scene=2, scale=0.15, progress=False
+    )
+    infos = create_infos(root, "v1.0-synthetic", progress=False)
+    dataset = NuScenesCameraDataset(infos["synthetic_train"], root, image_size_hw=(H, W), queue_length=1,
+                                    point_cloud_range_m=RANGE)
+    batch = collate([dataset[1]])
+    assert len(batch["gt_boxes"][0]) >= 5, "the test needs a frame with several objects in range"
+    model = tiny_model(dropout=0.0)
     model.train()
-    batch = make_batch(1, 1, seed=3)  # one frame: the temporal path is covered above, this is about learning
-    for key in ("images", "ego2img", "image_hw"):
-        batch[key] = batch[key][:, :, :2]  # (B, T, 6, ...) -> (B, T, 2, ...): the front and front-left cameras
-    optimiser = torch.optim.AdamW(model.parameters(), lr=5e-3, fused=True)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=5e-3)
     first = None
-    for step in range(120):  # ~40 steps are needed (seeds 0-3 measured)
+    for step in range(150):  # ~55 steps measured (11 boxes, seed 0)
         loss = model.forward_train(batch)["loss"]
         first = loss.item() if first is None else first
         if loss.item() < first / 10:

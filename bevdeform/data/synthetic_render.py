@@ -17,7 +17,7 @@ Only numpy and OpenCV: this module is part of the library, not a test.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np

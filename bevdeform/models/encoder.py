@@ -206,7 +206,7 @@ class BEVEncoder(nn.Module):
         Returns:
             bev (B, H*W, C), current ego frame.
         """
-        batch = self._check_inputs(mlvl_feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
+        self._check_inputs(mlvl_feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
         dtype = mlvl_feats[0].dtype
         if padded_image_hw is None:
             padded_image_hw = infer_padded_image_hw(tuple(mlvl_feats[0].shape[-2:]), image_hw)
