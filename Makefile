@@ -16,7 +16,7 @@ setup: $(VENV)/.bevdeform-installed
 $(VENV)/.bevdeform-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,export]"
 	$(PY) -m bevdeform.msda || echo "warning: the native MSDA op did not build; the PyTorch reference will serve"
 	touch $@
 

@@ -115,7 +115,8 @@ def evaluate_results(results_path: str | os.PathLike, data_root: str | os.PathLi
     """Score a results JSON with the devkit's DetectionEval (config ``detection_cvpr_2019``).
 
     Returns a flat dict: mAP, NDS, mATE, mASE, mAOE, mAVE, mAAE and ``AP/<class>`` for the 10 classes; the devkit's
-    metrics_summary.json is written to out_dir. eval_set is a predefined split (val, mini_val, ...) or one of
+    metrics_summary.json (and, when there are predictions, the devkit's metrics_details.json with the PR and TP-error
+    curves) is written to out_dir. eval_set is a predefined split (val, mini_val, ...) or one of
     ``<data_root>/<version>/splits.json`` (e.g. synthetic_val). nusc: an already loaded NuScenes of (data_root,
     version), to skip reloading the tables.
 
@@ -175,7 +176,9 @@ def evaluate_results(results_path: str | os.PathLike, data_root: str | os.PathLi
     else:
         evaluator = DetectionEval(nusc, config=config, result_path=str(results_path), eval_set=eval_set,
                                   output_dir=str(out_dir), verbose=verbose)
-        metrics, _ = evaluator.evaluate()  # not main(): it renders plots and prints whatever verbose says
+        metrics, metric_data = evaluator.evaluate()  # not main(): it renders plots and prints whatever verbose says
+        # The per-class PR / TP-error curves, as the devkit's main() saves them: bevdeform.visualize draws them.
+        (out_dir / "metrics_details.json").write_text(json.dumps(metric_data.serialize(), indent=2))
     summary = metrics.serialize()
     (out_dir / "metrics_summary.json").write_text(json.dumps(summary, indent=2))
     flat = {"mAP": float(summary["mean_ap"]), "NDS": float(summary["nd_score"])}
