@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bevdeform import geometry
-from bevdeform.models import bev_grid
+from bevdeform.models import attention, bev_grid
 from bevdeform.models.attention import (DeformableAttention, SpatialCrossAttention, TemporalSelfAttention,
                                         align_prev_bev, find_visible_pairs)
 from bevdeform.models.encoder import BEVEncoder, ego_motion_features, infer_padded_image_hw
@@ -277,8 +277,89 @@ def test_sca_with_no_visible_pair_returns_the_projection_of_zero():
     ego2img[..., 2, 3] = -100.0  # depth = z - 100 < 0 everywhere in the range
     pairs = find_visible_pairs(pillars, ego2img, torch.tensor([[[225, 400]] * 6]), (256, 416))
     assert pairs.query_index.shape == (1, 0)
-    out = sca(torch.randn(1, 16, 8), [torch.randn(1, 6, 8, 8, 13)], pairs)
+    query, feats = torch.randn(1, 16, 8), [torch.randn(1, 6, 8, 8, 13)]
+    out = sca(query, feats, pairs)
     torch.testing.assert_close(out, sca.output_proj.bias.expand(1, 16, 8))
+    # A fixed capacity has only padding slots then, and the general path (no branch on the count) gives the same.
+    fixed = find_visible_pairs(pillars, ego2img, torch.tensor([[[225, 400]] * 6]), (256, 416), capacity=5)
+    assert fixed.query_index.shape == (1, 5) and not fixed.valid.any() and fixed.num_pairs.tolist() == [0]
+    assert torch.equal(sca(query, feats, fixed), out)
+
+
+def visible_pairs_brute_force(pillars, ego2img, image_hw, padded_hw, depth_eps=1e-5):
+    """Per sample, the visible (camera, query) pairs in (camera, query) order and their reference points, written
+    the obvious way (one camera and one pillar anchor at a time)."""
+    out = []
+    for b in range(ego2img.shape[0]):
+        cameras, queries, references = [], [], []
+        for n in range(ego2img.shape[1]):
+            uv, depth = geometry.project_points(ego2img[b, n], pillars.reshape(-1, 3), eps=depth_eps)  # (Q*Z, 2)
+            height, width = image_hw[b, n].tolist()
+            seen = ((depth > depth_eps) & (uv[:, 0] > -0.5) & (uv[:, 0] < width - 0.5) & (uv[:, 1] > -0.5)
+                    & (uv[:, 1] < height - 0.5))
+            seen = seen.view(pillars.shape[0], pillars.shape[1]).any(dim=1)  # (Q*Z,) -> (Q,)
+            uv = uv.view(pillars.shape[0], pillars.shape[1], 2)  # (Q*Z, 2) -> (Q, Z, 2)
+            for q in seen.nonzero()[:, 0].tolist():
+                cameras.append(n)
+                queries.append(q)
+                references.append((uv[q] + 0.5) / torch.tensor([padded_hw[1], padded_hw[0]], dtype=uv.dtype))
+        out.append((torch.tensor(cameras, dtype=torch.int64), torch.tensor(queries, dtype=torch.int64),
+                    torch.stack(references)))
+    return out
+
+
+def two_rig_samples():
+    """Two samples of the nuScenes rig at 400x225 (the second turned, with a smaller image in one camera) and
+    pillars of a 20x20 BEV: different visible counts."""
+    ego2img = torch.stack([nuscenes_ego2img(0.25), nuscenes_ego2img(0.25, rig_yaw_rad=0.3)])  # (2, 6, 4, 4)
+    image_hw = torch.tensor([[[225, 400]] * 6] * 2)
+    image_hw[1, 2] = torch.tensor([150, 300])
+    pillars = bev_grid.pillar_reference_points(20, 20, PC_RANGE, 4, dtype=torch.float64)
+    return pillars, ego2img, image_hw, (256, 416)
+
+
+def test_fixed_capacity_pairs_are_the_visible_pairs_in_order():
+    pillars, ego2img, image_hw, padded_hw = two_rig_samples()
+    expected = visible_pairs_brute_force(pillars, ego2img, image_hw, padded_hw)
+    counts = [len(cameras) for cameras, _, _ in expected]
+    assert counts[0] != counts[1] and 0 < min(counts)
+    num_queries, total = pillars.shape[0], 6 * pillars.shape[0]
+    dynamic = find_visible_pairs(pillars, ego2img, image_hw, padded_hw)
+    assert dynamic.query_index.shape == (2, max(counts))
+    for capacity in (None, max(counts), max(counts) + 17, total):
+        pairs = find_visible_pairs(pillars, ego2img, image_hw, padded_hw, capacity=capacity)
+        assert pairs.query_index.shape[1] == (max(counts) if capacity is None else capacity)
+        assert pairs.num_pairs.tolist() == counts
+        torch.testing.assert_close(pairs.cameras_per_query, dynamic.cameras_per_query, rtol=0, atol=0)
+        for b, (cameras, queries, references) in enumerate(expected):
+            # The visible pairs first, in (camera, query) order, then padding slots.
+            assert pairs.valid[b].tolist() == [True] * counts[b] + [False] * (pairs.valid.shape[1] - counts[b])
+            assert torch.equal(pairs.camera_index[b, :counts[b]], cameras)
+            assert torch.equal(pairs.query_index[b, :counts[b]], queries)
+            torch.testing.assert_close(pairs.reference_points[b, :counts[b]], references, rtol=0, atol=1e-12)
+            assert (pairs.query_index[b, counts[b]:] == num_queries).all()
+            assert (pairs.camera_index[b, counts[b]:] == 0).all() and (pairs.reference_points[b, counts[b]:] == 0).all()
+        if capacity is not None:
+            # Bit for bit the data-dependent list, plus padding slots.
+            for name in ("camera_index", "query_index", "valid", "reference_points"):
+                assert torch.equal(getattr(pairs, name)[:, :max(counts)], getattr(dynamic, name)), name
+
+
+def test_too_small_a_pair_capacity_raises_in_eager_mode_and_truncates_in_an_export(monkeypatch):
+    pillars, ego2img, image_hw, padded_hw = two_rig_samples()
+    dynamic = find_visible_pairs(pillars, ego2img, image_hw, padded_hw)
+    counts = dynamic.num_pairs.tolist()
+    with pytest.raises(ValueError, match=rf"capacity=100 is smaller .*{counts}.*capacity >= {max(counts)}"):
+        find_visible_pairs(pillars, ego2img, image_hw, padded_hw, capacity=100)
+    for capacity in (0, 6 * pillars.shape[0] + 1):
+        with pytest.raises(ValueError, match=rf"capacity={capacity}, expected None or 1\.\.N\*Q"):
+            find_visible_pairs(pillars, ego2img, image_hw, padded_hw, capacity=capacity)
+    # While exporting the count cannot be read: the first 100 pairs are kept and num_pairs tells the true count.
+    monkeypatch.setattr(attention, "is_tracing_or_exporting", lambda: True)
+    short = find_visible_pairs(pillars, ego2img, image_hw, padded_hw, capacity=100)
+    assert short.valid.all() and short.num_pairs.tolist() == counts
+    for name in ("camera_index", "query_index", "reference_points"):
+        assert torch.equal(getattr(short, name), getattr(dynamic, name)[:, :100]), name
 
 
 def test_visible_pairs_statistics_on_the_nuscenes_rig():
@@ -497,6 +578,23 @@ def test_encoder_batch_of_two_equals_two_batches_of_one():
         # Row 1 has has_prev False: prev_bev None changes nothing for it; row 0 uses its history.
         torch.testing.assert_close(without_history[1], out[1], rtol=1e-5, atol=1e-5)
         assert (without_history[0] - out[0]).abs().max() > 1e-3
+
+
+def test_encoder_with_fixed_capacity_pairs_equals_the_data_dependent_path():
+    torch.manual_seed(0)
+    encoder = make_tiny_encoder().eval()
+    feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev = tiny_encoder_inputs(
+        torch.Generator().manual_seed(3), 2)
+    image_hw[1, 0] = torch.tensor([150, 300])  # a smaller image in one camera: the samples' counts differ
+    padded_hw = (256, 416)
+    with torch.no_grad():
+        expected = encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_hw)
+        counts = encoder.visible_pairs(ego2img, image_hw, padded_hw).num_pairs.tolist()
+        assert counts[0] != counts[1]
+        for capacity in (max(counts), max(counts) + 50, 6 * 12 * 12):
+            pairs = encoder.visible_pairs(ego2img, image_hw, padded_hw, capacity=capacity)
+            got = encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_hw, pairs=pairs)
+            assert torch.equal(got, expected), capacity
 
 
 def test_encoder_gradients_reach_queries_embeddings_and_image_features():

@@ -337,6 +337,41 @@ def test_frame_without_previous_bev_is_encoded_as_a_scene_start():
     assert not torch.allclose(ignored_prev.bev[1], reference.bev[1], atol=1e-3)
 
 
+def test_forward_frame_with_a_pair_capacity_equals_the_data_dependent_path():
+    """The export path (a fixed-length pair list) computes the eval path's numbers, bit for bit."""
+    model = tiny_model().eval()
+    batch = make_batch(2, 1, seed=11)
+    images, ego2img, image_hw, ego_prev2curr, has_prev = frame(batch, 0)
+    image_hw[1, 3] = torch.tensor([40, 70])  # a smaller image in one camera: the samples' counts differ
+    prev_bev = torch.randn(2, 16 * 16, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, torch.tensor([True, True]))
+        counts = expected.num_visible_pairs.tolist()
+        assert counts[0] != counts[1] and min(counts) > 0
+        for capacity in (max(counts), 6 * 16 * 16):
+            got = model.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr,
+                                      torch.tensor([True, True]), sca_pair_capacity=capacity)
+            assert got.num_visible_pairs.tolist() == counts
+            for name in ("bev", "all_cls_logits", "all_box_codes"):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), (capacity, name)
+        with pytest.raises(ValueError, match=rf"capacity={max(counts) - 1} is smaller"):
+            model.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, torch.tensor([True, True]),
+                                sca_pair_capacity=max(counts) - 1)
+
+
+def test_value_checks_of_frame_inputs_are_skipped_only_while_exporting(monkeypatch):
+    from bevdeform.models import bevformer
+
+    model = tiny_model().eval()
+    images, ego2img, image_hw, ego_prev2curr, has_prev = frame(make_batch(1, 1), 0)
+    with pytest.raises(ValueError, match="image_hw holds"):
+        model.check_frame_inputs(images, ego2img, image_hw.flip(-1), ego_prev2curr, has_prev)
+    monkeypatch.setattr(bevformer, "is_tracing_or_exporting", lambda: True)
+    model.check_frame_inputs(images, ego2img, image_hw.flip(-1), ego_prev2curr, has_prev)
+    with pytest.raises(ValueError, match="image_hw"):  # shapes are still checked
+        model.check_frame_inputs(images, ego2img, image_hw[:, :5], ego_prev2curr, has_prev)
+
+
 def test_streaming_rows_of_one_scene_run_in_order():
     """A scene-ordered loader with batch 2 puts consecutive frames of a scene in one batch: same as one by one."""
     model = tiny_model().eval()

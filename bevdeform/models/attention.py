@@ -4,7 +4,7 @@ camera visibility of the BEV pillars).
 
 Notation: B batch, Q queries, C = embed_dims, M heads, D = C / M channels per head, L feature levels, P sampling
 points per (query, head, level), N cameras, Z pillar anchors (heights) per BEV cell, K visible (query, camera)
-pairs of one sample (padded to the batch's largest count).
+pairs of one sample (padded to the batch's largest count, or to a fixed capacity for export).
 
 Frames: everything metric is in the current ego frame (x forward, y left, z up, metres); BEV maps follow
 docs/model.md (row i along y, column j along x, flattened row-major) and `bevdeform.models.bev_grid`.
@@ -36,12 +36,20 @@ __all__ = [
     "CameraPairs",
     "find_visible_pairs",
     "align_prev_bev",
+    "is_tracing_or_exporting",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------------------
+
+def is_tracing_or_exporting() -> bool:
+    """True while torch.export (strict or not; also under the dynamo ONNX exporter), torch.compile, torch.jit.trace or
+    the TorchScript ONNX exporter runs the model: checks that read tensor values into Python are skipped then, since
+    export refuses a branch on data (GuardOnDataDependentSymNode) and a trace would bake the value in."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
 
 def _check_heads(owner: str, embed_dims: int, num_heads: int) -> int:
     """Channels per head; ValueError unless embed_dims splits evenly over num_heads."""
@@ -343,7 +351,8 @@ class TemporalSelfAttention(nn.Module):
 
 @dataclass
 class CameraPairs:
-    """The (BEV query, camera) pairs that see their pillar, per sample, padded to the batch's largest count K.
+    """The (BEV query, camera) pairs that see their pillar, per sample, padded to K slots: the batch's largest count,
+    or the fixed capacity asked of `find_visible_pairs`.
 
     Computed once per encoder forward by `find_visible_pairs` and shared by every layer's SCA.
 
@@ -356,7 +365,7 @@ class CameraPairs:
             are behind the camera or off the image are kept, as BEVFormer does: their samples read zeros or
             padding).
         cameras_per_query: (B, Q) int64, how many cameras see each cell (0: no camera, SCA gives it nothing).
-        num_pairs: (B,) int64 visible pairs of each sample.
+        num_pairs: (B,) int64 visible pairs of each sample (more than K only if an export dropped pairs).
         num_cameras: N.
     """
 
@@ -375,7 +384,8 @@ class CameraPairs:
 
 
 def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, image_hw: torch.Tensor,
-                       padded_image_hw: Sequence[int], depth_eps: float = 1e-5) -> CameraPairs:
+                       padded_image_hw: Sequence[int], depth_eps: float = 1e-5,
+                       capacity: int | None = None) -> CameraPairs:
     """Project the BEV pillars into every camera and list the (query, camera) pairs that see them.
 
     A pillar anchor is seen by a camera when its depth exceeds `depth_eps` and its pixel (u, v) lies inside the
@@ -383,12 +393,22 @@ def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, i
     so projections into the right/bottom padding do not count. A pair is visible when at least one of its pillar's
     anchors is seen.
 
+    Each sample's visible pairs are listed in (camera, query) order, then padding slots (``valid`` False, camera 0,
+    query Q, reference 0). The list's length K is the batch's largest count when `capacity` is None: a
+    data-dependent shape (read with ``.item()``, a GPU sync) that torch.export cannot trace. With a `capacity` K is
+    that fixed number and no shape depends on the data, which is what an export needs; the listed pairs are the same,
+    in the same order, so spatial cross-attention gives the same result as long as every visible pair fits. In eager
+    mode a sample with more visible pairs than `capacity` is a ValueError; while tracing or exporting (values cannot
+    be read then) the pairs past the capacity are dropped, and ``num_pairs`` (the true count) exceeds `capacity`.
+
     Args:
         pillar_points_ego: (Q, Z, 3) metres, ego frame (`bev_grid.pillar_reference_points`).
         ego2img: (B, N, 4, 4) for the padded image as fed to the network.
         image_hw: (B, N, 2) unpadded (H, W) pixels.
         padded_image_hw: (H_pad, W_pad) pixels of the image as fed to the network; normalises the pixels.
         depth_eps: minimum depth in metres.
+        capacity: K, the fixed length of the pair list, in [1, N * Q] (N * Q can never drop a pair); None sizes the
+            list to the batch's largest visible count.
     """
     if pillar_points_ego.dim() != 3 or pillar_points_ego.shape[-1] != 3:
         raise ValueError(f"find_visible_pairs: pillar_points_ego must be (Q, Z, 3), got "
@@ -401,6 +421,10 @@ def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, i
                          f"{tuple(image_hw.shape)}")
     padded_h, padded_w = (int(s) for s in padded_image_hw)
     num_queries, num_anchors, _ = pillar_points_ego.shape
+    total = num_cameras * num_queries
+    if capacity is not None and not 1 <= int(capacity) <= total:
+        raise ValueError(f"find_visible_pairs: capacity={capacity}, expected None or 1..N*Q = {total} "
+                         f"(N={num_cameras} cameras x Q={num_queries} queries)")
     # Projection in at least float32 (and float64 when the calibration is): pixels far from the centre need it.
     dtype = torch.promote_types(ego2img.dtype, torch.float32)
     points = pillar_points_ego.to(dtype).reshape(1, 1, num_queries * num_anchors, 3)  # (Q, Z, 3) -> (1, 1, Q*Z, 3)
@@ -413,23 +437,37 @@ def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, i
     visible = seen.view(batch, num_cameras, num_queries, num_anchors).any(dim=-1)  # (B, N, Q)
     padded_size = pixels_uv.new_tensor([padded_w, padded_h])
     reference_cam = (pixels_uv + 0.5) / padded_size  # (B, N, Q*Z, 2) normalised (x, y) of the padded image
-    reference_cam = reference_cam.view(batch, num_cameras, num_queries, num_anchors, 2)  # -> (B, N, Q, Z, 2)
+    # (B, N, Q*Z, 2) -> (B, N*Q, Z, 2): flat pair index = camera * Q + query
+    reference_cam = reference_cam.view(batch, total, num_anchors, 2)
+    visible_flat = visible.flatten(1)  # (B, N, Q) -> (B, N*Q)
+    num_pairs = visible_flat.sum(dim=1)  # (B,)
 
-    # List the visible pairs of each sample, in (camera, query) order, and pad every sample to the largest count.
-    num_pairs = visible.flatten(1).sum(dim=1)  # (B,)
-    max_pairs = int(num_pairs.max().item()) if batch else 0
-    batch_of_pair, flat_pair = visible.flatten(1).nonzero(as_tuple=True)  # (T,) each; flat = camera * Q + query
-    first_of_sample = torch.cumsum(num_pairs, 0) - num_pairs  # (B,) offset of each sample's pairs in the list
-    slot = torch.arange(batch_of_pair.numel(), device=visible.device) - first_of_sample[batch_of_pair]  # (T,)
-    camera_index = torch.zeros(batch, max_pairs, dtype=torch.int64, device=visible.device)
-    query_index = torch.full((batch, max_pairs), num_queries, dtype=torch.int64, device=visible.device)
-    valid = torch.zeros(batch, max_pairs, dtype=torch.bool, device=visible.device)
-    camera_index[batch_of_pair, slot] = flat_pair // num_queries
-    query_index[batch_of_pair, slot] = flat_pair % num_queries
-    valid[batch_of_pair, slot] = True
-    reference_points = reference_cam.new_zeros(batch, max_pairs, num_anchors, 2)
-    reference_points[batch_of_pair, slot] = reference_cam[batch_of_pair, flat_pair // num_queries,
-                                                          flat_pair % num_queries]
+    if capacity is None:
+        capacity = int(num_pairs.max().item()) if batch else 0
+    else:
+        capacity = int(capacity)
+        if not is_tracing_or_exporting() and bool((num_pairs > capacity).any()):
+            raise ValueError(f"find_visible_pairs: capacity={capacity} is smaller than the visible (query, camera) "
+                             f"pairs of the batch, {num_pairs.tolist()} per sample: pairs would be dropped; pass a "
+                             f"capacity >= {int(num_pairs.max())} (N*Q = {total} always fits)")
+
+    # Each visible pair's slot in its sample's list is its rank among the sample's visible pairs (a running count,
+    # so the list keeps (camera, query) order). Pairs without a slot (invisible, or past the capacity) are written to
+    # slots K, K+1, ... of their own and cut off: every target is distinct, as ONNX ScatterElements requires.
+    pair_ids = torch.arange(total, device=visible.device)  # (N*Q,)
+    slot = visible_flat.long().cumsum(dim=1) - 1  # (B, N*Q); int64 first, ONNX CumSum takes no bool
+    target = torch.where(visible_flat & (slot < capacity), slot, capacity + pair_ids)  # (B, N*Q)
+    # (B, K + N*Q) with pair ids at the listed slots -> (B, K)
+    flat_pair = torch.zeros(batch, capacity + total, dtype=torch.int64, device=visible.device).scatter(
+        1, target, pair_ids.expand(batch, total))[:, :capacity]
+    valid = torch.arange(capacity, device=visible.device)[None, :] < num_pairs[:, None]  # (B, K)
+    camera_index = torch.where(valid, torch.div(flat_pair, num_queries, rounding_mode="floor"),
+                               torch.zeros_like(flat_pair))
+    query_index = torch.where(valid, flat_pair % num_queries, torch.full_like(flat_pair, num_queries))
+    # (B, N*Q, Z, 2) gathered at (B, K) -> (B, K, Z, 2)
+    reference_points = torch.gather(reference_cam, 1, flat_pair[:, :, None, None].expand(
+        batch, capacity, num_anchors, 2))
+    reference_points = torch.where(valid[:, :, None, None], reference_points, torch.zeros_like(reference_points))
     return CameraPairs(camera_index=camera_index, query_index=query_index, valid=valid,
                        reference_points=reference_points, cameras_per_query=visible.sum(dim=1),
                        num_pairs=num_pairs, num_cameras=num_cameras)
@@ -451,7 +489,7 @@ class SpatialCrossAttention(nn.Module):
     the cameras (height N * (H_l + 1) + 1, camera n's rows starting at 1 + n * (H_l + 1)). Bilinear sampling
     half a pixel beyond a camera's top or bottom edge then reads the zero separator exactly as grid_sample's zero
     padding would, and left/right edges are the map's own edges. All visible pairs of a sample are the queries of
-    one MSDA call (batch B, queries padded to the largest per-sample count), with locations shifted into the
+    one MSDA call (batch B, queries padded to the K slots of `CameraPairs`), with locations shifted into the
     mosaic. A sample whose row lies outside its camera's band [-1, H_l) (pixels) would read a neighbour camera;
     in the per-camera reference it reads nothing and has zero gradient, so its weight is set to 0 here.
 
@@ -532,6 +570,9 @@ class SpatialCrossAttention(nn.Module):
         if pairs.reference_points.shape[2] != self.num_points_in_pillar:
             raise ValueError(f"SpatialCrossAttention: pairs hold {pairs.reference_points.shape[2]} anchors per pillar, "
                              f"expected num_points_in_pillar={self.num_points_in_pillar}")
+        # K is a shape, not a value: the batch's largest count, or the fixed capacity (>= 1) of an export, for which
+        # this branch is decided when tracing. With a capacity and no visible pair, the general path below gives the
+        # same output (every weight masked to 0, every sum 0).
         num_pairs = pairs.query_index.shape[1]
         if num_pairs == 0:  # no camera sees any cell of any sample
             return self.output_proj(query.new_zeros(batch, num_queries, self.embed_dims))

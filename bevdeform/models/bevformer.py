@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from bevdeform.models.attention import is_tracing_or_exporting
 from bevdeform.models.head import DEFAULT_POST_CENTER_RANGE_M, decode_predictions
 
 __all__ = ["BEVFormer", "DetectorOutput", "StreamingBEVFormer", "load_model_weights"]
@@ -43,11 +44,14 @@ class DetectorOutput:
         all_cls_logits: (L_dec, B, Q, num_classes) class logits of every decoder layer.
         all_box_codes: (L_dec, B, Q, 10) box codes of every decoder layer (``bevdeform.models.head`` layout,
             centre in metres, ego frame).
+        num_visible_pairs: (B,) int64 (BEV cell, camera) pairs that see their pillar, spatial cross-attention's
+            work; more than ``sca_pair_capacity`` means an export dropped pairs.
     """
 
     bev: torch.Tensor
     all_cls_logits: torch.Tensor | None  # None when the decoder was skipped (history frames)
     all_box_codes: torch.Tensor | None
+    num_visible_pairs: torch.Tensor | None = None
 
 
 def _check_shape(name: str, tensor: Any, expected: Sequence[int | None], meaning: str) -> None:
@@ -142,7 +146,12 @@ class BEVFormer(nn.Module):
         has_prev: torch.Tensor,
         prev_bev: torch.Tensor | None = None,
     ) -> None:
-        """Shape checks of one frame's inputs; ValueError naming the tensor and the expected shape."""
+        """Checks of one frame's inputs; ValueError naming the tensor and what was expected.
+
+        The shape checks always run; the check of the ``image_hw`` values is skipped while tracing, compiling or
+        exporting (`attention.is_tracing_or_exporting`): reading a value into Python is a branch on data that
+        torch.export refuses and that a trace would bake in as a constant.
+        """
         n = self.num_cameras
         _check_shape("images", images, (None, None, 3, None, None), f"(B, N={n}, 3, H, W)")
         batch, cameras, _, height, width = images.shape
@@ -159,7 +168,7 @@ class BEVFormer(nn.Module):
         _check_shape("image_hw", image_hw, (batch, n, 2), f"(B={batch}, N={n}, 2) to match images")
         _check_shape("ego_prev2curr", ego_prev2curr, (batch, 4, 4), f"(B={batch}, 4, 4) to match images")
         _check_shape("has_prev", has_prev, (batch,), f"(B={batch},) to match images")
-        if image_hw.numel() and (
+        if image_hw.numel() and not is_tracing_or_exporting() and (
             bool((image_hw[..., 0] > height).any()) or bool((image_hw[..., 1] > width).any())
             or bool((image_hw <= 0).any())
         ):
@@ -183,6 +192,7 @@ class BEVFormer(nn.Module):
         ego_prev2curr: torch.Tensor,
         has_prev: torch.Tensor,
         run_decoder: bool = True,
+        sca_pair_capacity: int | None = None,
     ) -> DetectorOutput:
         """One frame through the network (gradients as the caller's grad mode says).
 
@@ -195,6 +205,11 @@ class BEVFormer(nn.Module):
             has_prev: (B,) bool; rows with False ignore ``prev_bev``.
             run_decoder: False skips the decoder (history frames need only the BEV); the logits and codes of the
                 output are then None.
+            sca_pair_capacity: None lists spatial cross-attention's (BEV cell, camera) pairs in a list sized to the
+                batch's visible count (data dependent); an int K in [1, N * Q] gives a list of fixed length K, the
+                static shapes torch.export and ONNX need, with the same result while every visible pair fits
+                (``attention.find_visible_pairs``: a ValueError in eager mode when they do not; pairs dropped when
+                tracing or exporting, and ``num_visible_pairs`` > K says so).
         Returns:
             :class:`DetectorOutput`.
 
@@ -212,11 +227,13 @@ class BEVFormer(nn.Module):
         feats = self.extract_features(images)
         # The padded size is the images' own: no need for the encoder to infer it from the feature size.
         padded_image_hw = (int(images.shape[-2]), int(images.shape[-1]))
-        bev = self.encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_image_hw)
+        pairs = self.encoder.visible_pairs(ego2img, image_hw, padded_image_hw, capacity=sca_pair_capacity)
+        bev = self.encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_image_hw, pairs=pairs)
         if not run_decoder:
-            return DetectorOutput(bev=bev, all_cls_logits=None, all_box_codes=None)
+            return DetectorOutput(bev=bev, all_cls_logits=None, all_box_codes=None, num_visible_pairs=pairs.num_pairs)
         all_cls_logits, all_box_codes = self.decoder(bev)
-        return DetectorOutput(bev=bev, all_cls_logits=all_cls_logits, all_box_codes=all_box_codes)
+        return DetectorOutput(bev=bev, all_cls_logits=all_cls_logits, all_box_codes=all_box_codes,
+                              num_visible_pairs=pairs.num_pairs)
 
     def decode(self, all_cls_logits: torch.Tensor, all_box_codes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Boxes from the last decoder layer: B dicts ``boxes (k, 9)`` ego frame, ``scores (k,)``, ``labels (k,)``

@@ -7,7 +7,8 @@ Data path of `BEVEncoder.forward`:
    TSA as query_pos.
 2. once per forward: the previous BEV is warped into the current frame (`attention.align_prev_bev`); the BEV
    pillars are projected into the cameras and the visible (query, camera) pairs listed
-   (`attention.find_visible_pairs`); camera and level embeddings are added to the image features.
+   (`BEVEncoder.visible_pairs`, unless the caller passes them: a fixed-capacity list for export); camera and level
+   embeddings are added to the image features.
 3. num_layers x `BEVEncoderLayer`: TSA -> add & norm -> SCA -> add & norm -> FFN -> add & norm (post-norm).
 """
 
@@ -161,6 +162,14 @@ class BEVEncoder(nn.Module):
         return bev_grid.pillar_reference_points(self.bev_h, self.bev_w, self.point_cloud_range_m,
                                                 self.num_points_in_pillar, device=device, dtype=torch.float32)
 
+    def visible_pairs(self, ego2img: torch.Tensor, image_hw: torch.Tensor, padded_image_hw: Sequence[int],
+                      capacity: int | None = None) -> CameraPairs:
+        """The (BEV query, camera) pairs that see this encoder's pillars (`attention.find_visible_pairs`): what
+        `forward` computes when it is given no `pairs`. ego2img (B, N, 4, 4), image_hw (B, N, 2), padded_image_hw
+        (H_pad, W_pad) pixels; capacity None (list sized to the batch's count) or a fixed length for export."""
+        return find_visible_pairs(self.pillar_points_ego(ego2img.device), ego2img, image_hw, padded_image_hw,
+                                  capacity=capacity)
+
     def positional_embedding(self) -> torch.Tensor:
         """(H*W, C): concat(col_embed[j], row_embed[i]) for cell (i, j), row-major."""
         half = self.embed_dims // 2
@@ -192,7 +201,7 @@ class BEVEncoder(nn.Module):
 
     def forward(self, mlvl_feats: Sequence[torch.Tensor], ego2img: torch.Tensor, image_hw: torch.Tensor,
                 prev_bev: torch.Tensor | None, ego_prev2curr: torch.Tensor, has_prev: torch.Tensor,
-                padded_image_hw: Sequence[int] | None = None) -> torch.Tensor:
+                padded_image_hw: Sequence[int] | None = None, pairs: CameraPairs | None = None) -> torch.Tensor:
         """Encode one frame.
 
         Args:
@@ -202,13 +211,15 @@ class BEVEncoder(nn.Module):
             ego_prev2curr: (B, 4, 4) previous ego -> current ego. has_prev: (B,) bool; False rows ignore prev_bev.
             padded_image_hw: (H_pad, W_pad) of the images fed to the backbone (``images.shape[-2:]``); None infers
                 it from the finest level (`infer_padded_image_hw`).
+            pairs: the visible (query, camera) pairs of these cameras, `visible_pairs(ego2img, image_hw,
+                padded_image_hw, capacity)`; None computes them with a data-dependent length (capacity None).
 
         Returns:
             bev (B, H*W, C), current ego frame.
         """
         self._check_inputs(mlvl_feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
         dtype = mlvl_feats[0].dtype
-        if padded_image_hw is None:
+        if pairs is None and padded_image_hw is None:
             padded_image_hw = infer_padded_image_hw(tuple(mlvl_feats[0].shape[-2:]), image_hw)
 
         ego_motion = self.ego_motion_mlp(ego_motion_features(ego_prev2curr.to(dtype), has_prev))  # (B, C)
@@ -220,7 +231,8 @@ class BEVEncoder(nn.Module):
         if prev_bev is not None:
             prev_bev_aligned = align_prev_bev(prev_bev.to(dtype), ego_prev2curr, self.bev_h, self.bev_w,
                                               self.point_cloud_range_m)
-        pairs = find_visible_pairs(self.pillar_points_ego(ego2img.device), ego2img, image_hw, padded_image_hw)
+        if pairs is None:
+            pairs = self.visible_pairs(ego2img, image_hw, padded_image_hw)
         mlvl_feats = [
             # (N, C) -> (1, N, C, 1, 1); (C,) -> (1, 1, C, 1, 1)
             feat + self.camera_embeds.to(dtype)[None, :, :, None, None]
