@@ -21,7 +21,7 @@ $(VENV)/.bevdeform-installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) scripts/bench_msda.py
+	$(PY) scripts/train.py --config bev_tiny
 
 test: setup
 	$(PY) -m pytest -q

@@ -130,6 +130,9 @@ class LossConfig:
     code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
     alpha: float = 0.25
     gamma: float = 2.0
+    # Auxiliary dense BEV centre-heatmap loss (bevdeform.models.bev_heatmap, training only): 0 builds no head, as
+    # BEVFormer; > 0 adds BEVHeatmapHead with this weight, which speeds up learning from scratch (bev_nano).
+    bev_heatmap_weight: float = 0.0
 
 
 @dataclass
@@ -492,6 +495,7 @@ def build_model(cfg: Config):
     """
     # Imported here so that reading a config does not import torch.
     from bevdeform.models.backbone import ResNet
+    from bevdeform.models.bev_heatmap import BEVHeatmapHead
     from bevdeform.models.bevformer import BEVFormer
     from bevdeform.models.decoder import DetectionDecoder
     from bevdeform.models.encoder import BEVEncoder
@@ -551,6 +555,18 @@ def build_model(cfg: Config):
         alpha=m.loss.alpha,
         gamma=m.loss.gamma,
     )
+    bev_heatmap_head = None
+    if m.loss.bev_heatmap_weight < 0:
+        raise ValueError(f"model.loss.bev_heatmap_weight={m.loss.bev_heatmap_weight}, expected >= 0 (0 = no head)")
+    if m.loss.bev_heatmap_weight > 0:
+        bev_heatmap_head = BEVHeatmapHead(
+            embed_dims=m.embed_dims,
+            num_classes=len(d.class_names),
+            bev_h=m.encoder.bev_h,
+            bev_w=m.encoder.bev_w,
+            point_cloud_range_m=d.point_cloud_range_m,
+            weight=m.loss.bev_heatmap_weight,
+        )
     return BEVFormer(
         backbone=backbone,
         neck=neck,
@@ -561,6 +577,7 @@ def build_model(cfg: Config):
         score_threshold=m.score_threshold,
         max_detections=m.max_detections,
         post_center_range_m=m.post_center_range_m,
+        bev_heatmap_head=bev_heatmap_head,
     )
 
 

@@ -1,9 +1,9 @@
 """Draw predictions: bird's-eye views, the six cameras with projected 3D boxes, scene animations, metric curves.
 
-    python scripts/visualize.py --config bev_nano --checkpoint runs/.../last.ckpt --scene scene-0008 --out viz/
+    python scripts/visualize.py --config bev_nano --checkpoint runs/.../last.ckpt --scene scene-0081 --out viz/
     python scripts/visualize.py --config bev_tiny --checkpoint CKPT --data-root data/nuscenes --version v1.0-mini \\
         --sample 3e8750f331d7499e9b5123e9eb70f2e2 --score-threshold 0.4
-    python scripts/visualize.py --results runs/.../results_nusc.json --scene scene-0009 --curves --out viz/
+    python scripts/visualize.py --results runs/.../results_nusc.json --scene scene-0082 --curves --out viz/
     python scripts/visualize.py --metrics-dir runs/.../eval/last-synthetic_val --out viz/   # curves of an evaluation
 
 Predictions come from a model (--config, --checkpoint; it streams over the scene from its first frame) or from a

@@ -536,3 +536,34 @@ def test_build_model_maps_the_config():
     assert model.max_detections == 50
     assert model.decoder.num_queries == 30 and model.decoder.point_cloud_range_m == RANGE
     assert model.encoder.bev_h == 16 and model.neck.out_channels == 32
+
+
+def test_bev_heatmap_head_is_built_from_the_config_adds_its_loss_and_is_skipped_at_inference():
+    cfg = tiny_config()
+    assert build_model(cfg).bev_heatmap_head is None  # weight 0: BEVFormer's losses only
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, loss=dataclasses.replace(cfg.model.loss, bev_heatmap_weight=0.5)))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    head = model.bev_heatmap_head
+    assert head is not None and head.weight == 0.5 and (head.bev_h, head.bev_w) == (16, 16)
+    assert head.point_cloud_range_m == tuple(RANGE)
+    batch = make_batch(2, 1)
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model.train()
+    losses = model.forward_train(batch)
+    assert losses["loss_bev_heatmap"] > 0
+    others = sum(v for k, v in losses.items() if k not in ("loss", "loss_bev_heatmap"))
+    torch.testing.assert_close(losses["loss"], others + losses["loss_bev_heatmap"])
+    model.zero_grad()
+    losses["loss_bev_heatmap"].backward()  # the auxiliary loss alone trains the encoder and the backbone
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.encoder.parameters())
+    model.eval()
+    model.predict(batch)
+    assert len(seen) == 1  # training only
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, loss=dataclasses.replace(cfg.model.loss, bev_heatmap_weight=-1.0)))
+    with pytest.raises(ValueError, match="bev_heatmap_weight"):
+        build_model(bad)

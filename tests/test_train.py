@@ -31,6 +31,7 @@ from bevdeform.train import (
     EpochSeededDataset,
     ResumableDataLoader,
     ResumableDistributedSampler,
+    EMBEDDED_SYNTHETIC,
     SyntheticDataSpec,
     prepare_synthetic_data,
     train,
@@ -380,19 +381,22 @@ def test_two_process_ddp_trains_checkpoints_resumes_and_evaluates(small_data, tm
 # ----------------------------------------------------------------------------------------------------------------
 # Proof that the pipeline learns
 # ----------------------------------------------------------------------------------------------------------------
-# The embedded default's 8 training scenes (the same scenes: scene plans depend on (seed, scene index) only) and 4
-# held-out scenes, 40 validation samples, for a steadier score than the default's 20.
-LEARN_DATA = SyntheticDataSpec(num_scenes=8, num_val_scenes=4, samples_per_scene=10)
-# bev_nano with what makes it learn on 2 CPU cores in minutes: 176x96 images (16:9, padded to 192x96), no history
-# frame (queue 1: every step's compute goes to the frame with gradients; the temporal path is tested elsewhere),
-# a learning rate of 1e-3 for the short schedule, validation only at the end.
+# The embedded default synthetic set (many short scenes: object layouts, not frames, are what the model must
+# generalise over).
+LEARN_DATA = EMBEDDED_SYNTHETIC
+# bev_nano (with its auxiliary BEV heatmap loss) and what makes it learn on 2 CPU cores in minutes: 176x96 images
+# (16:9, padded to 192x96), no history frame (queue 1: every step's compute goes to the frame with gradients; the
+# temporal path is tested elsewhere), a learning rate of 1e-3 for the short schedule, validation only at the end.
 LEARN_OVERRIDES = ("data.image_size_hw=[96,176]", "data.queue_length=1", "train.lr=1e-3", "data.num_workers=1",
                    "train.epochs=1000")
-LEARN_STEPS = 600
-# Thresholds from measurement (the learning curve is in docs/benchmarks.md): an untrained model scores NDS ~0.01 and
-# mAP 0.0000-0.0005; the scrambled-extrinsics control stayed at NDS < 0.025 and mAP < 0.001 all along its run.
-NDS_THRESHOLD = 0.035
-MAP_THRESHOLD = 0.002
+LEARN_STEPS = 800
+# Thresholds from measurement (docs/benchmarks.md, "Learning"), 2 CPU cores, torch 2.13: 800 steps of this
+# training scored mAP 0.039 / NDS 0.113 (0.018 / 0.065 after 600 steps; 40 scenes x 4 samples, 600 steps: 0.008 /
+# 0.107: single runs vary by ~2x), the scrambled control mAP 0.000003 / NDS 0.0095 (600 steps), an untrained model
+# mAP < 0.0005 / NDS ~0.01; without the auxiliary heatmap loss bev_nano scored mAP 0.0007 / NDS 0.032 after 800
+# steps.
+NDS_THRESHOLD = 0.05
+MAP_THRESHOLD = 0.01
 
 
 def scramble_extrinsics(info_path: Path, out_path: Path) -> Path:
@@ -408,11 +412,13 @@ def scramble_extrinsics(info_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 def test_bev_nano_learns_to_detect_and_scrambled_extrinsics_do_not(tmp_path_factory):
-    """Issue 5's proof of learning. NOT PASSING YET: in the CPU budget bev_nano reached val mAP ~0.002 / NDS ~0.07
-    on the synthetic split (2026-11-21), too close to an untrained model to separate from the negative control.
-    Deselected by default (`-m "not learning"` in pyproject.toml); run with `pytest -m learning`."""
+    """Issue 5's proof of learning: LEARN_STEPS steps of bev_nano (LEARN_OVERRIDES) on the embedded synthetic
+    training scenes, scored on its held-out scenes, must beat NDS_THRESHOLD and MAP_THRESHOLD; the same training with
+    every camera's cam2ego swapped for its neighbour's (train and validation infos) must stay below both. The
+    numbers repeat exactly on the same machine (seeded, deterministic CPU kernels)."""
     parent = tmp_path_factory.mktemp("learn")
     root = prepare_synthetic_data(LEARN_DATA, parent)
     common = dict(data_root=str(root), version="v1.0-synthetic", enable_progress_bar=False, accelerator="cpu",

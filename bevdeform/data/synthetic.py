@@ -48,8 +48,9 @@ ANNOTATION_RANGE_M = 70.0  # objects farther than this from the ego (xy) at a ke
 RENDER_RANGE_M = 130.0  # objects farther than this are not drawn
 MIN_SUN_ELEVATION_DEG = 12.0  # lowest sun (dusk): bounds shadow length at height / tan(12 deg) = 4.7 x height
 
-# Defaults: 8 + 2 scenes of 10 keyframes at 320x180 (scale 0.2): a small model learns something from it on 2 CPU
-# cores in minutes, and it is written in seconds.
+# Defaults of the writer: 8 + 2 scenes of 10 keyframes at 320x180 (scale 0.2), written in seconds. The training
+# scripts' embedded default is many shorter scenes (bevdeform.train.EMBEDDED_SYNTHETIC: 80 + 8 scenes of 4), because
+# a detector must generalise over object layouts, of which 8 scenes hold only 8.
 DEFAULT_NUM_SCENES = 8
 DEFAULT_NUM_VAL_SCENES = 2
 DEFAULT_SAMPLES_PER_SCENE = 10

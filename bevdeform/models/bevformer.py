@@ -79,6 +79,9 @@ class BEVFormer(nn.Module):
         max_detections: top-k of decoding over the Q x num_classes scores.
         post_center_range_m: decoded centres outside ``(x_min, y_min, z_min, x_max, y_max, z_max)`` (ego frame,
             metres) are dropped; None keeps all.
+        bev_heatmap_head: optional training-only auxiliary head on the current frame's BEV
+            (``bev_heatmap.BEVHeatmapHead``): its ``loss(bev, gt_boxes, gt_labels)`` joins the losses as
+            ``loss_bev_heatmap``. Inference never runs it.
 
     ``forward(batch)`` is ``forward_train(batch)`` (so a DDP wrapper sees the training pass); inference is
     :meth:`predict` or :class:`StreamingBEVFormer`, in eval mode.
@@ -95,6 +98,7 @@ class BEVFormer(nn.Module):
         score_threshold: float | None = None,
         max_detections: int = 300,
         post_center_range_m: Sequence[float] | None = DEFAULT_POST_CENTER_RANGE_M,
+        bev_heatmap_head: nn.Module | None = None,
     ):
         super().__init__()
         if num_cameras < 1:
@@ -111,6 +115,7 @@ class BEVFormer(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.loss = loss
+        self.bev_heatmap_head = bev_heatmap_head
         self.num_cameras = int(num_cameras)
         self.score_threshold = score_threshold
         self.max_detections = int(max_detections)
@@ -329,13 +334,18 @@ class BEVFormer(nn.Module):
         Args:
             batch: docs/data-format.md, with ``gt_boxes`` (B tensors (n_b, 9), ego frame) and ``gt_labels``.
         Returns:
-            ``DetectionLoss``'s dict: ``loss_cls_layer{i}``, ``loss_bbox_layer{i}`` and their sum ``loss``.
+            ``DetectionLoss``'s dict: ``loss_cls_layer{i}``, ``loss_bbox_layer{i}`` and their sum ``loss``; with a
+            ``bev_heatmap_head`` also ``loss_bev_heatmap``, included in ``loss``.
         """
         self.check_batch(batch, with_targets=True)
         prev_bev = self.history_bev(batch)
         images, ego2img, image_hw, ego_prev2curr, has_prev = self._frame(batch, -1)
         out = self.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
-        return self.loss(out.all_cls_logits, out.all_box_codes, batch["gt_boxes"], batch["gt_labels"])
+        losses = self.loss(out.all_cls_logits, out.all_box_codes, batch["gt_boxes"], batch["gt_labels"])
+        if self.bev_heatmap_head is not None:
+            losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, batch["gt_boxes"], batch["gt_labels"])
+            losses["loss"] = losses["loss"] + losses["loss_bev_heatmap"]
+        return losses
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """:meth:`forward_train`."""

@@ -1,0 +1,161 @@
+"""Auxiliary dense supervision of the BEV map: per-class object-centre heatmaps (training only).
+
+The set-prediction loss reaches the BEV encoder only through the few BEV cells the matched queries sample, so an
+encoder (and a backbone) trained from scratch learns slowly where objects are. This auxiliary head gives every
+BEV cell a target: a small convolutional head predicts, for each class, a heatmap over the BEV grid whose targets
+are Gaussians at the ground-truth box centres (CenterNet / CenterPoint), scored with CenterNet's penalty-reduced
+focal loss. It changes nothing at inference (the decoder never reads it; ``predict`` and export skip it) and is off
+in the published configs (``model.loss.bev_heatmap_weight: 0``); ``bev_nano`` turns it on to learn within minutes
+on a CPU.
+
+Frames (docs/model.md): the BEV map ``(B, bev_h * bev_w, C)`` is row-major over ``(i, j)``, row ``i`` along ego y,
+column ``j`` along ego x; cell ``(i, j)`` covers ``x in [x_min + j * dx, x_min + (j + 1) * dx)`` and
+``y in [y_min + i * dy, y_min + (i + 1) * dy)`` with ``dx = (x_max - x_min) / bev_w``, ``dy = (y_max - y_min) /
+bev_h``. Heatmaps are ``(B, num_classes, bev_h, bev_w)`` in the same orientation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from bevdeform.models.bev_grid import check_point_cloud_range
+
+__all__ = ["BEVHeatmapHead", "render_centre_heatmaps", "heatmap_focal_loss"]
+
+
+class BEVHeatmapHead(nn.Module):
+    """BEV features -> per-class centre-heatmap logits: Conv3x3(C, C) + GroupNorm + ReLU, then Conv1x1(C, K).
+
+    The last bias starts at ``logit(prior_prob)`` (CenterNet's 0.1) so the mostly-empty map starts near zero.
+
+    Args:
+        embed_dims: C, the BEV feature width.
+        num_classes: K heatmaps, class order of the detector.
+        bev_h, bev_w: BEV grid rows (along ego y) and columns (along ego x).
+        point_cloud_range_m: ``(x_min, y_min, z_min, x_max, y_max, z_max)``, ego frame, metres: the grid's extent.
+        weight: factor of :meth:`loss`.
+    Forward: ``bev (B, bev_h * bev_w, C) -> logits (B, K, bev_h, bev_w)``; :meth:`loss` is the weighted auxiliary loss.
+    """
+
+    def __init__(self, embed_dims: int, num_classes: int, bev_h: int, bev_w: int,
+                 point_cloud_range_m: Sequence[float], weight: float = 1.0, prior_prob: float = 0.1):
+        super().__init__()
+        if min(embed_dims, num_classes, bev_h, bev_w) < 1:
+            raise ValueError(f"BEVHeatmapHead: embed_dims={embed_dims}, num_classes={num_classes}, bev_h={bev_h}, "
+                             f"bev_w={bev_w}, expected all >= 1")
+        self.embed_dims = int(embed_dims)
+        self.num_classes = int(num_classes)
+        self.point_cloud_range_m = check_point_cloud_range(point_cloud_range_m)
+        self.weight = float(weight)
+        self.bev_h = int(bev_h)
+        self.bev_w = int(bev_w)
+        num_groups = math.gcd(self.embed_dims, 32)
+        self.hidden = nn.Sequential(
+            nn.Conv2d(embed_dims, embed_dims, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(num_groups, embed_dims),
+            nn.ReLU(inplace=True),
+        )
+        self.logits = nn.Conv2d(embed_dims, num_classes, kernel_size=1)
+        nn.init.constant_(self.logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        batch_size = bev.shape[0]
+        if bev.dim() != 3 or bev.shape[1] != self.bev_h * self.bev_w or bev.shape[2] != self.embed_dims:
+            raise ValueError(f"BEVHeatmapHead: bev must be (B, bev_h*bev_w={self.bev_h * self.bev_w}, "
+                             f"C={self.embed_dims}), got {tuple(bev.shape)}")
+        image = bev.transpose(1, 2).reshape(batch_size, self.embed_dims, self.bev_h, self.bev_w)  # (B, HW, C) -> (B, C, H, W)
+        return self.logits(self.hidden(image))  # (B, K, H, W)
+
+    def loss(self, bev: torch.Tensor, gt_boxes: Sequence[torch.Tensor], gt_labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``weight * heatmap_focal_loss(self(bev), render_centre_heatmaps(gt...))``, a scalar.
+
+        Args:
+            bev: (B, bev_h * bev_w, C); gt_boxes: B tensors (n_b, 9) ego frame; gt_labels: B int64 tensors (n_b,).
+        """
+        logits = self(bev)  # (B, K, H, W)
+        targets = render_centre_heatmaps(gt_boxes, gt_labels, self.num_classes, self.bev_h, self.bev_w,
+                                         self.point_cloud_range_m).to(logits.device)
+        return self.weight * heatmap_focal_loss(logits, targets)
+
+
+def render_centre_heatmaps(
+    gt_boxes: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor],
+    num_classes: int,
+    bev_h: int,
+    bev_w: int,
+    point_cloud_range_m: Sequence[float],
+    min_sigma_cells: float = 0.75,
+) -> torch.Tensor:
+    """Target heatmaps: for each GT box a Gaussian on its class's map, peak 1 at the cell holding its centre.
+
+    ``target[b, k, i, j] = max over boxes g of class k of exp(-((i - i_g)^2 + (j - j_g)^2) / (2 sigma_g^2))`` with
+    ``(i_g, j_g)`` the cell containing the box centre and ``sigma_g = max(min_sigma_cells, diameter_g / 6)`` cells,
+    ``diameter_g`` the box footprint's longer side (``max(w, l)``) in cells of the grid. Boxes whose centre lies
+    outside the grid's (x, y) range add nothing.
+
+    Args:
+        gt_boxes: B tensors (n_b, >= 6) ``[x, y, z, w, l, h, ...]``, ego frame, metres.
+        gt_labels: B int64 tensors (n_b,) in [0, num_classes).
+        num_classes: K.
+        bev_h, bev_w: grid rows (along y) and columns (along x).
+        point_cloud_range_m: ``(x_min, y_min, z_min, x_max, y_max, z_max)``.
+        min_sigma_cells: smallest Gaussian sigma, in cells.
+    Returns:
+        (B, K, bev_h, bev_w) float32 in [0, 1] on the boxes' device; exactly 1 at each in-range centre cell.
+    """
+    x_min, y_min, _, x_max, y_max, _ = check_point_cloud_range(point_cloud_range_m)
+    if len(gt_boxes) != len(gt_labels):
+        raise ValueError(f"render_centre_heatmaps: {len(gt_boxes)} box tensors but {len(gt_labels)} label tensors")
+    cell_x = (x_max - x_min) / bev_w
+    cell_y = (y_max - y_min) / bev_h
+    device = gt_boxes[0].device if len(gt_boxes) else torch.device("cpu")
+    heatmaps = torch.zeros(len(gt_boxes), num_classes, bev_h, bev_w, dtype=torch.float32, device=device)
+    rows = torch.arange(bev_h, dtype=torch.float32, device=device)[:, None]  # (H, 1)
+    cols = torch.arange(bev_w, dtype=torch.float32, device=device)[None, :]  # (1, W)
+    for b, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+        if boxes.shape[0] != labels.shape[0]:
+            raise ValueError(f"render_centre_heatmaps: sample {b} has {boxes.shape[0]} boxes, {labels.shape[0]} labels")
+        if boxes.shape[0] == 0:
+            continue
+        boxes = boxes.detach().float().to(device)
+        col = torch.floor((boxes[:, 0] - x_min) / cell_x)  # (n,) column j along x
+        row = torch.floor((boxes[:, 1] - y_min) / cell_y)  # (n,) row i along y
+        inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
+        diameter_cells = torch.maximum(boxes[:, 3] / cell_x, boxes[:, 4] / cell_y)  # (n,) max(w, l) in cells
+        sigma = torch.clamp(diameter_cells / 6.0, min=min_sigma_cells)  # (n,)
+        for g in torch.nonzero(inside).flatten().tolist():
+            gaussian = torch.exp(-((rows - row[g]) ** 2 + (cols - col[g]) ** 2) / (2.0 * sigma[g] ** 2))  # (H, W)
+            k = int(labels[g])
+            heatmaps[b, k] = torch.maximum(heatmaps[b, k], gaussian)
+    return heatmaps
+
+
+def heatmap_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, summed and divided by the number of peaks (``targets == 1``, >= 1).
+
+    ``-(1 - p)^alpha log p`` at peaks; ``-(1 - t)^beta p^alpha log(1 - p)`` elsewhere, so cells near a centre are
+    penalised less for firing. Log-probabilities come from ``logsigmoid`` (exact at any logit).
+
+    Args:
+        logits: (B, K, H, W); targets: same shape, in [0, 1].
+    Returns:
+        scalar, in the logits' dtype (half promoted to float32).
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"heatmap_focal_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = targets.to(logits.dtype)
+    prob = torch.sigmoid(logits)
+    log_p = nn.functional.logsigmoid(logits)
+    log_one_minus_p = nn.functional.logsigmoid(-logits)
+    peaks = targets.eq(1.0)
+    pos = -((1.0 - prob) ** alpha) * log_p
+    neg = -((1.0 - targets) ** beta) * prob ** alpha * log_one_minus_p
+    loss = torch.where(peaks, pos, neg).sum()
+    return loss / peaks.sum().clamp(min=1).to(loss.dtype)
