@@ -810,9 +810,11 @@ def train(config: str, overrides: Sequence[str] = (), data_root: str | None = No
     with _RunDirForChildren(run_dir):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None,
                     weights_only=True)
+        # last.ckpt holds the final step whatever the checkpoint callbacks did at it (a best-by-NDS callback that saw
+        # no improvement, or one restored from a resumed checkpoint, may leave it at an earlier step).
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         if module.last_metrics_step != trainer.global_step:
-            # Training ended in an epoch without validation: keep the final state as last.ckpt, score it.
-            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+            # Training ended in an epoch without validation: score the final state.
             trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = module.last_metrics
     if metrics is not None:
