@@ -126,12 +126,16 @@ def render_centre_heatmaps(
         col = torch.floor((boxes[:, 0] - x_min) / cell_x)  # (n,) column j along x
         row = torch.floor((boxes[:, 1] - y_min) / cell_y)  # (n,) row i along y
         inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
+        if not bool(inside.any()):
+            continue
         diameter_cells = torch.maximum(boxes[:, 3] / cell_x, boxes[:, 4] / cell_y)  # (n,) max(w, l) in cells
-        sigma = torch.clamp(diameter_cells / 6.0, min=min_sigma_cells)  # (n,)
-        for g in torch.nonzero(inside).flatten().tolist():
-            gaussian = torch.exp(-((rows - row[g]) ** 2 + (cols - col[g]) ** 2) / (2.0 * sigma[g] ** 2))  # (H, W)
-            k = int(labels[g])
-            heatmaps[b, k] = torch.maximum(heatmaps[b, k], gaussian)
+        sigma = torch.clamp(diameter_cells / 6.0, min=min_sigma_cells)[inside, None, None]  # (m, 1, 1)
+        row, col = row[inside, None, None], col[inside, None, None]  # (m, 1, 1) each
+        gaussians = torch.exp(-((rows - row) ** 2 + (cols - col) ** 2) / (2.0 * sigma ** 2))  # (m, H, W)
+        # Per class, the maximum over its boxes (the maps start at 0, so including them changes nothing).
+        class_of_box = labels[inside].to(device=device, dtype=torch.int64)[:, None].expand(-1, bev_h * bev_w)  # (m, HW)
+        heatmaps[b].view(num_classes, bev_h * bev_w).scatter_reduce_(
+            0, class_of_box, gaussians.reshape(-1, bev_h * bev_w), "amax")  # (K, H*W) <- (m, H*W)
     return heatmaps
 
 
