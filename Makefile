@@ -24,4 +24,4 @@ run: setup
 	$(PY) scripts/train.py --config bev_tiny
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15

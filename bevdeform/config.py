@@ -75,14 +75,21 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class BackboneConfig:
-    """ResNet image backbone (``bevdeform.models.backbone.ResNet``)."""
+    """Image backbone: ResNet (``bevdeform.models.backbone.ResNet``) or DAT++ (``bevdeform.models.dat.DAT``)."""
 
+    type: str = "resnet"  # resnet | dat (DAT++: reads variant, out_indices, frozen_stages, with_checkpoint, ...)
+    variant: str = "tiny"  # dat only: tiny | small | base (bevdeform.models.dat.DAT_VARIANTS); resnet uses depth
+    drop_path_rate: float = 0.0  # dat only: stochastic depth, linear over the blocks up to this rate
     depth: int = 50  # 18, 34, 50, 101
     out_indices: tuple[int, ...] = (3,)  # stages fed to the neck, 0..3 = C2..C5 (strides 4..32)
     frozen_stages: int = 1  # -1 none, 0 stem, k stem + layer1..layerk
     norm_eval: bool = True  # frozen BN: running statistics used, affine parameters not trained
     with_checkpoint: bool = False  # recompute residual blocks in backward to save memory
     pretrained_path: str | None = None  # local torchvision-style ResNet state dict (.pth), None = random init
+    # resnet only: where a Bottleneck's stride sits (pytorch: the 3x3 conv; caffe: the first 1x1, mmdet's caffe
+    # style) and which stages (layer1..layer4) use modulated deformable 3x3 convs (DCNv2, bevdeform.dcn).
+    style: str = "pytorch"
+    dcn_stages: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
 
 @dataclass
@@ -107,6 +114,15 @@ class EncoderConfig:
     sca_num_points: int = 8  # spatial cross-attention points per query per level
     tsa_num_points: int = 4  # temporal self-attention points
     dropout: float = 0.1
+    # bevformer_v1 compatibility options (docs/model.md "BEVFormer compatibility"); defaults = bevdeform's own path.
+    temporal_alignment: str = "exact_warp"  # exact_warp | official_rotate (torchvision rotate + reference shift)
+    rotate_center_px: tuple[float, float] = (100.0, 100.0)  # official_rotate's centre (x = column, y = row)
+    official_shift_ref_inplace_bug: bool = False  # official_rotate: shift both TSA queues (released checkpoints)
+    tsa_value: str = "per_layer"  # per_layer | initial_queries (BEVFormer: value built once before the layers)
+    pillar_heights: str = "slab_centres"  # slab_centres | official_linspace
+    sca_half_pixel: bool = True  # False: reference u / W_pad and visibility 0 < u / W_pad (official)
+    sca_visibility: str = "unpadded"  # unpadded | padded (official: visible anywhere in the padded image)
+    ego_motion_input: str = "ego_motion6"  # ego_motion6 | can_bus18 (batch field can_bus, official 18 numbers)
 
 
 @dataclass
@@ -150,6 +166,13 @@ class ModelConfig:
     score_threshold: float | None = None  # None keeps all top-k (what the nuScenes metrics want)
     # Decoded centres outside this box (ego frame, metres) are dropped: BEVFormer's range +-10 m around the grid.
     post_center_range_m: tuple[float, ...] | None = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
+    # The model's frame: "ego" (bevdeform: batch ego2img, ego_prev2curr; BEV and boxes in the ego frame) or "lidar"
+    # (bevformer_v1: batch lidar2img, the CAN-bus vector from can_bus_abs(_history) through the official delta step;
+    # BEV, boxes and post_center_range_m in the keyframe's LIDAR_TOP frame).
+    frame: str = "ego"
+    # The BEV range in the model's frame; null = data.point_cloud_range_m (ego frame). bevformer_v1: the official
+    # lidar range [-51.2, -51.2, -5, 51.2, 51.2, 3].
+    point_cloud_range_m: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -170,6 +193,13 @@ class DataConfig:
     val_batch_size: int = 1
     num_workers: int = 4
     photometric_aug: bool = True
+    # BEVFormer's published checkpoints (bevdeform.compat, configs/bevformer_*.yaml): the batch also carries
+    # lidar2img, can_bus_abs, can_bus_abs_history, lidar2ego, img_shape_hw (info files need can_bus_v1, written by
+    # data_prep/create_infos.py from a data root with the nuScenes CAN bus expansion).
+    bevformer_v1_inputs: bool = False
+    # bevdeform (default) | bevformer_v1_tiny (RGB, ImageNet mean/std) | bevformer_v1_caffe (BGR, caffe mean, std 1):
+    # the official test image pipeline (full decode, normalise, bilinear resize to image_size_hw, zero pad).
+    image_pipeline: str = "bevdeform"
 
 
 @dataclass
@@ -188,6 +218,9 @@ class TrainConfig:
     accumulate_grad_batches: int = 1
     precision: str = "32-true"  # Lightning precision string: 32-true, 16-mixed, bf16-mixed
     seed: int = 0
+    # Backbone and neck weights (hence their activations) in channels-last memory format: the same numbers, faster
+    # convolutions on CPUs (oneDNN) and on GPUs with mixed precision (docs/benchmarks.md, "Main job").
+    channels_last: bool = False
 
 
 @dataclass
@@ -208,11 +241,28 @@ class Config:
         _require(m.embed_dims % m.decoder.num_heads == 0, "model.decoder.num_heads", m.decoder.num_heads,
                  f"a divisor of model.embed_dims={m.embed_dims}")
         _require(m.num_cameras >= 1, "model.num_cameras", m.num_cameras, ">= 1")
+        _require(m.backbone.type in ("resnet", "dat"), "model.backbone.type", m.backbone.type, "resnet or dat")
+        _require(m.backbone.type != "dat" or m.backbone.variant in ("tiny", "small", "base"),
+                 "model.backbone.variant", m.backbone.variant, "tiny, small or base (DAT++)")
+        _require(m.backbone.style in ("pytorch", "caffe"), "model.backbone.style", m.backbone.style, "pytorch or caffe")
+        _require(not any(m.backbone.dcn_stages) or m.backbone.depth in (50, 101), "model.backbone.dcn_stages",
+                 m.backbone.dcn_stages, f"all false for depth {m.backbone.depth} (DCN needs a Bottleneck depth 50/101)")
         _require(m.neck.num_outs >= len(m.backbone.out_indices), "model.neck.num_outs", m.neck.num_outs,
                  f">= len(model.backbone.out_indices)={len(m.backbone.out_indices)}")
         _require(m.encoder.bev_h >= 1 and m.encoder.bev_w >= 1, "model.encoder.bev_h/bev_w",
                  (m.encoder.bev_h, m.encoder.bev_w), ">= 1")
+        for option, allowed in (("temporal_alignment", ("exact_warp", "official_rotate")),
+                                ("tsa_value", ("per_layer", "initial_queries")),
+                                ("pillar_heights", ("slab_centres", "official_linspace")),
+                                ("sca_visibility", ("unpadded", "padded")),
+                                ("ego_motion_input", ("ego_motion6", "can_bus18"))):
+            _require(getattr(m.encoder, option) in allowed, f"model.encoder.{option}", getattr(m.encoder, option),
+                     " or ".join(allowed))
         _require(m.decoder.num_queries >= 1, "model.decoder.num_queries", m.decoder.num_queries, ">= 1")
+        _require(m.frame in ("ego", "lidar"), "model.frame", m.frame, "ego or lidar")
+        _require(m.point_cloud_range_m is None or (len(m.point_cloud_range_m) == 6 and all(
+            m.point_cloud_range_m[k] < m.point_cloud_range_m[k + 3] for k in range(3))), "model.point_cloud_range_m",
+            m.point_cloud_range_m, "null or 6 numbers (x_min, y_min, z_min, x_max, y_max, z_max), min < max")
         _require(len(m.loss.code_weights) == 10, "model.loss.code_weights", m.loss.code_weights, "10 numbers")
         _require(m.post_center_range_m is None or len(m.post_center_range_m) == 6, "model.post_center_range_m",
                  m.post_center_range_m, "6 numbers (x_min, y_min, z_min, x_max, y_max, z_max) or null")
@@ -228,6 +278,8 @@ class Config:
                  f"image exactly")
         _require(d.queue_length >= 1 and d.val_queue_length >= 1, "data.queue_length/val_queue_length",
                  (d.queue_length, d.val_queue_length), ">= 1")
+        _require(d.image_pipeline in ("bevdeform", "bevformer_v1_tiny", "bevformer_v1_caffe"), "data.image_pipeline",
+                 d.image_pipeline, "bevdeform, bevformer_v1_tiny or bevformer_v1_caffe")
         _require(d.train_batch_size >= 1 and d.val_batch_size >= 1, "data.train_batch_size/val_batch_size",
                  (d.train_batch_size, d.val_batch_size), ">= 1")
         _require(t.lr > 0, "train.lr", t.lr, "> 0")
@@ -503,14 +555,31 @@ def build_model(cfg: Config):
     from bevdeform.models.neck import FPN
 
     m, d = cfg.model, cfg.data
-    backbone = ResNet(
-        depth=m.backbone.depth,
-        out_indices=m.backbone.out_indices,
-        frozen_stages=m.backbone.frozen_stages,
-        norm_eval=m.backbone.norm_eval,
-        with_checkpoint=m.backbone.with_checkpoint,
-        pretrained_path=m.backbone.pretrained_path,
-    )
+    bev_range_m = d.point_cloud_range_m if m.point_cloud_range_m is None else m.point_cloud_range_m
+    if m.backbone.type not in ("resnet", "dat"):
+        raise ValueError(f"model.backbone.type={m.backbone.type!r}, expected 'resnet' or 'dat'")
+    if m.backbone.type == "dat":
+        from bevdeform.models.dat import DAT
+
+        backbone = DAT(
+            variant=m.backbone.variant,
+            out_indices=m.backbone.out_indices,
+            frozen_stages=m.backbone.frozen_stages,
+            drop_path_rate=m.backbone.drop_path_rate,
+            with_checkpoint=m.backbone.with_checkpoint,
+            pretrained_path=m.backbone.pretrained_path,
+        )
+    else:
+        backbone = ResNet(
+            depth=m.backbone.depth,
+            out_indices=m.backbone.out_indices,
+            frozen_stages=m.backbone.frozen_stages,
+            norm_eval=m.backbone.norm_eval,
+            with_checkpoint=m.backbone.with_checkpoint,
+            pretrained_path=m.backbone.pretrained_path,
+            style=m.backbone.style,
+            dcn_stages=m.backbone.dcn_stages,
+        )
     neck = FPN(
         in_channels=backbone.out_channels,
         out_channels=m.embed_dims,
@@ -523,7 +592,7 @@ def build_model(cfg: Config):
         num_layers=m.encoder.num_layers,
         bev_h=m.encoder.bev_h,
         bev_w=m.encoder.bev_w,
-        point_cloud_range_m=d.point_cloud_range_m,
+        point_cloud_range_m=bev_range_m,
         num_cameras=m.num_cameras,
         num_feature_levels=m.neck.num_outs,
         num_heads=m.encoder.num_heads,
@@ -532,6 +601,14 @@ def build_model(cfg: Config):
         sca_num_points=m.encoder.sca_num_points,
         tsa_num_points=m.encoder.tsa_num_points,
         dropout=m.encoder.dropout,
+        temporal_alignment=m.encoder.temporal_alignment,
+        rotate_center_px=m.encoder.rotate_center_px,
+        official_shift_ref_inplace_bug=m.encoder.official_shift_ref_inplace_bug,
+        tsa_value=m.encoder.tsa_value,
+        pillar_heights=m.encoder.pillar_heights,
+        sca_half_pixel=m.encoder.sca_half_pixel,
+        sca_visibility=m.encoder.sca_visibility,
+        ego_motion_input=m.encoder.ego_motion_input,
     )
     decoder = DetectionDecoder(
         embed_dims=m.embed_dims,
@@ -544,7 +621,7 @@ def build_model(cfg: Config):
         code_size=CODE_SIZE,
         bev_h=m.encoder.bev_h,
         bev_w=m.encoder.bev_w,
-        point_cloud_range_m=d.point_cloud_range_m,
+        point_cloud_range_m=bev_range_m,
         dropout=m.decoder.dropout,
     )
     loss = DetectionLoss(
@@ -564,7 +641,7 @@ def build_model(cfg: Config):
             num_classes=len(d.class_names),
             bev_h=m.encoder.bev_h,
             bev_w=m.encoder.bev_w,
-            point_cloud_range_m=d.point_cloud_range_m,
+            point_cloud_range_m=bev_range_m,
             weight=m.loss.bev_heatmap_weight,
         )
     return BEVFormer(
@@ -578,6 +655,7 @@ def build_model(cfg: Config):
         max_detections=m.max_detections,
         post_center_range_m=m.post_center_range_m,
         bev_heatmap_head=bev_heatmap_head,
+        input_frame=m.frame,
     )
 
 

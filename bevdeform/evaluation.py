@@ -51,32 +51,67 @@ def boxes_to_results(sample_token: str, boxes_ego, velocities_ego, scores, label
     non-positive size cannot be scored (the devkit would reject the whole file): they are dropped with a warning
     naming the sample, so a diverging model still gets a score rather than a crash.
     """
-    boxes_ego = _to_numpy(boxes_ego, np.float64).reshape(-1, 7)
-    num_boxes = len(boxes_ego)
-    velocities_ego = (np.zeros((num_boxes, 2)) if velocities_ego is None
-                      else _to_numpy(velocities_ego, np.float64).reshape(-1, 2))
+    boxes_ego, velocities_ego, scores, labels, keep = _checked_predictions(
+        sample_token, boxes_ego, velocities_ego, scores, labels, attribute_names, class_names, max_boxes, "ego")
+    translation, size, rotation = geometry.boxes_ego_to_global(boxes_ego[keep], ego2global)
+    velocity = geometry.velocities_ego_to_global(velocities_ego[keep], ego2global)
+    return _result_dicts(sample_token, translation, size, rotation, velocity, scores, labels, keep, attribute_names,
+                         class_names)
+
+
+def lidar_boxes_to_results(sample_token: str, boxes_lidar, velocities_lidar, scores, labels, lidar2ego, ego2global,
+                           attribute_names: Sequence[str] | None = None, class_names: Sequence[str] = CLASS_NAMES,
+                           max_boxes: int = MAX_BOXES_PER_SAMPLE) -> list[dict[str, Any]]:
+    """``boxes_to_results`` for predictions in the keyframe's LIDAR_TOP frame (the ``bevformer_v1`` compatibility
+    path): boxes_lidar (n, 7) [x, y, z centre, w, l, h, yaw about lidar z] in the devkit convention, velocities_lidar
+    (n, 2) in lidar axes (or None), lidar2ego and ego2global (4, 4) of the keyframe LIDAR_TOP sample_data.
+
+    The global fields follow mmdet3d 0.17's ``lidar_nusc_box_to_global`` exactly (``bevdeform.compat.frames.
+    lidar_boxes_to_global``: the devkit Box rotated/translated by lidar2ego, then by ego2global, velocity rotated
+    with it), so a results file matches the official code's. Selection and dropping as in ``boxes_to_results``.
+    """
+    from bevdeform.compat.frames import lidar_boxes_to_global
+
+    boxes_lidar, velocities_lidar, scores, labels, keep = _checked_predictions(
+        sample_token, boxes_lidar, velocities_lidar, scores, labels, attribute_names, class_names, max_boxes, "lidar")
+    boxes9 = np.concatenate([boxes_lidar[keep], velocities_lidar[keep]], axis=1)  # (k, 7) + (k, 2) -> (k, 9)
+    translation, size, rotation, velocity = lidar_boxes_to_global(boxes9, lidar2ego, ego2global)
+    return _result_dicts(sample_token, translation, size, rotation, velocity, scores, labels, keep, attribute_names,
+                         class_names)
+
+
+def _checked_predictions(sample_token, boxes, velocities, scores, labels, attribute_names, class_names, max_boxes,
+                         frame: str):
+    """(boxes (n, 7), velocities (n, 2), scores (n,), labels (n,), kept row indices best first) after the checks of
+    ``boxes_to_results``; ``frame`` names the inputs in errors."""
+    boxes = _to_numpy(boxes, np.float64).reshape(-1, 7)
+    num_boxes = len(boxes)
+    velocities = (np.zeros((num_boxes, 2)) if velocities is None
+                  else _to_numpy(velocities, np.float64).reshape(-1, 2))
     scores = _to_numpy(scores, np.float64).reshape(-1)
     labels = _to_numpy(labels, np.int64).reshape(-1)
-    if not len(velocities_ego) == len(scores) == len(labels) == num_boxes or \
+    if not len(velocities) == len(scores) == len(labels) == num_boxes or \
             (attribute_names is not None and len(attribute_names) != num_boxes):
-        raise ValueError(f"sample {sample_token}: boxes_ego has {num_boxes} rows but velocities_ego "
-                         f"{len(velocities_ego)}, scores {len(scores)}, labels {len(labels)}"
+        raise ValueError(f"sample {sample_token}: boxes_{frame} has {num_boxes} rows but velocities_{frame} "
+                         f"{len(velocities)}, scores {len(scores)}, labels {len(labels)}"
                          + ("" if attribute_names is None else f", attribute_names {len(attribute_names)}"))
     if num_boxes and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise ValueError(f"sample {sample_token}: labels must lie in [0, {len(class_names)}), got "
                          f"{labels.min()}..{labels.max()}")
 
-    usable = np.all(np.isfinite(boxes_ego), axis=1) & np.all(np.isfinite(velocities_ego), axis=1) \
-        & np.isfinite(scores) & np.all(boxes_ego[:, 3:6] > 0, axis=1)
+    usable = np.all(np.isfinite(boxes), axis=1) & np.all(np.isfinite(velocities), axis=1) \
+        & np.isfinite(scores) & np.all(boxes[:, 3:6] > 0, axis=1)
     if not np.all(usable):
         warnings.warn(f"sample {sample_token}: dropped {int((~usable).sum())} of {num_boxes} predicted boxes with a "
                       f"non-finite value or a non-positive size")
     # Highest scores first; stable, so equal scores keep the model's order.
     keep = np.flatnonzero(usable)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:max_boxes]
+    return boxes, velocities, scores, labels, keep
 
-    translation, size, rotation = geometry.boxes_ego_to_global(boxes_ego[keep], ego2global)
-    velocity = geometry.velocities_ego_to_global(velocities_ego[keep], ego2global)
+
+def _result_dicts(sample_token, translation, size, rotation, velocity, scores, labels, keep, attribute_names,
+                  class_names) -> list[dict[str, Any]]:
     results = []
     for row, index in enumerate(keep):
         name = class_names[labels[index]]

@@ -175,7 +175,19 @@ def example_frame_inputs(cfg: Config, image_size_hw: Sequence[int] | None = None
     if not has_prev:
         ego_prev2curr = torch.eye(4, dtype=torch.float64)
         prev_bev.zero_()
-    return {
+    extra = {}
+    if getattr(cfg.model, "frame", "ego") == "lidar":
+        # BEVFormer's published models (model.frame: lidar) take lidar2img where the others take ego2img, and the
+        # absolute 18-number CAN-bus vector (bevdeform.compat.can_bus): a pose 600 m / 1600 m into a map, heading
+        # 30 degrees; the streaming detector takes the delta against the previous frame's vector itself.
+        lidar2ego = rig["LIDAR_TOP"].sensor2ego()
+        ego2img = [matrix @ lidar2ego for matrix in ego2img]
+        can_bus = torch.zeros(batch_size, 18, dtype=torch.float64)
+        can_bus[:, 0:3] = torch.tensor([600.0, 1600.0, 0.0], dtype=torch.float64)
+        can_bus[:, 3:7] = float(np.cos(np.radians(15.0)))  # the official quirk: q.w in all four entries
+        can_bus[:, 16], can_bus[:, 17] = float(np.radians(30.0)), 30.0
+        extra["can_bus_abs"] = can_bus.to(device)
+    return {**extra,
         "images": images.to(device=device, dtype=dtype),
         "ego2img": torch.tensor(np.stack(ego2img), dtype=torch.float32, device=device).expand(
             batch_size, num_cameras, 4, 4).contiguous(),

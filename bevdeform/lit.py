@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bevdeform.data.infos import CLASS_NAMES
-from bevdeform.evaluation import boxes_to_results, evaluate_results, write_results_json
+from bevdeform.evaluation import boxes_to_results, evaluate_results, lidar_boxes_to_results, write_results_json
 from bevdeform.models.bevformer import StreamingBEVFormer
 
 __all__ = ["BEVFormerModule", "EvaluationTarget", "WarmupCosineFactor", "optimizer_param_groups"]
@@ -214,13 +214,27 @@ class BEVFormerModule(lightning.LightningModule):
         self._results.update(self.results_of_batch(batch, detections))
 
     def results_of_batch(self, batch: dict[str, Any], detections: list[dict[str, torch.Tensor]]) -> dict[str, list]:
-        """{sample_token: nuScenes result dicts (global frame)} of a batch's current frames."""
+        """{sample_token: nuScenes result dicts (global frame)} of a batch's current frames.
+
+        A detector whose ``input_frame`` attribute is "lidar" (``model.frame: lidar``, the bevformer_v1 model)
+        predicts in the keyframe's LIDAR_TOP frame, devkit convention; its boxes go lidar -> ego -> global with the
+        batch's ``lidar2ego`` (``data.bevformer_v1_inputs``) as the official code does (``lidar_boxes_to_results``).
+        """
         results = {}
+        in_lidar_frame = getattr(self.model, "input_frame", "ego") == "lidar"
+        if in_lidar_frame and "lidar2ego" not in batch:
+            raise ValueError("the detector predicts boxes in the LIDAR_TOP frame (input_frame='lidar') but the batch "
+                             "has no lidar2ego: set data.bevformer_v1_inputs: true")
         for row, (token, found) in enumerate(zip(batch["sample_token"], detections)):
-            boxes = found["boxes"].detach().float().cpu()  # (k, 9) [x, y, z, w, l, h, yaw, vx, vy], ego frame
-            results[token] = boxes_to_results(
-                token, boxes[:, :7], boxes[:, 7:9], found["scores"], found["labels"],
-                batch["ego2global"][row, -1].cpu(), class_names=self.class_names)
+            boxes = found["boxes"].detach().double().cpu()  # (k, 9) [x, y, z, w, l, h, yaw, vx, vy]
+            if in_lidar_frame:
+                results[token] = lidar_boxes_to_results(
+                    token, boxes[:, :7], boxes[:, 7:9], found["scores"], found["labels"],
+                    batch["lidar2ego"][row].cpu(), batch["ego2global"][row, -1].cpu(), class_names=self.class_names)
+            else:
+                results[token] = boxes_to_results(
+                    token, boxes[:, :7], boxes[:, 7:9], found["scores"], found["labels"],
+                    batch["ego2global"][row, -1].cpu(), class_names=self.class_names)
         return results
 
     def on_validation_epoch_end(self) -> None:

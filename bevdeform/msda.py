@@ -54,9 +54,10 @@ NATIVE_DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
 }
 
-_CPU_SOURCES = ("msda_registration.cpp", "msda_cpu.cpp")
-_CUDA_SOURCES = ("msda_cuda.cu",)
-_HEADERS = ("msda.h",)
+# One extension holds every native op of the package: MSDA and the modulated deformable convolution (bevdeform.dcn).
+_CPU_SOURCES = ("msda_registration.cpp", "msda_cpu.cpp", "dcn_registration.cpp", "dcn_cpu.cpp")
+_CUDA_SOURCES = ("msda_cuda.cu", "dcn_cuda.cu")
+_HEADERS = ("msda.h", "dcn.h")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,6 +291,9 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> Path:
         verbose=verbose,
     )
     _register_python_side()
+    from bevdeform import dcn  # imported here: bevdeform.dcn imports this module
+
+    dcn._register_python_side()
     return build_dir
 
 
@@ -321,8 +325,9 @@ def _load_native() -> dict[str, bool]:
             _native_problem = problem
     if _native_problem is not None:
         warnings.warn(
-            f"bevdeform: native MSDA kernel unavailable ({_native_problem}); using the PyTorch reference "
-            f"(slower, more memory). Set {IMPL_ENV}=reference to silence this, or run `bevdeform-build-ops -v` "
+            f"bevdeform: native MSDA / DCN kernels unavailable ({_native_problem}); using the PyTorch references "
+            f"(slower, more memory). Set {IMPL_ENV}=reference (and BEVDEFORM_DCN_IMPL=reference) to silence this, "
+            f"or run `bevdeform-build-ops -v` "
             f"to see the build log.",
             RuntimeWarning,
             stacklevel=3,
@@ -425,7 +430,7 @@ def build_main(argv: list[str] | None = None) -> int:
     except Exception as error:
         print(f"bevdeform-build-ops: build failed: {error}", file=sys.stderr)
         return 1
-    print(f"built the native MSDA op ({'CPU + CUDA' if with_cuda else 'CPU'}) in {build_dir}")
+    print(f"built the native ops, MSDA and DCNv2 ({'CPU + CUDA' if with_cuda else 'CPU'}), in {build_dir}")
     return 0
 
 

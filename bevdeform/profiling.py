@@ -364,7 +364,7 @@ def profile_streaming(model: BEVFormer, inputs: dict[str, torch.Tensor], iters: 
             if autocast_dtype is not None:
                 stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
             frame_start = timer.mark()
-            streams[name].step(*frame_args, has_prev, [_SCENE])
+            streams[name].step(*frame_args, has_prev, [_SCENE], can_bus_abs=inputs.get("can_bus_abs"))
             frame_end = timer.mark()
         frame_ms, raw = timer.frame_ms(frame_start, frame_end)
         if timed:
@@ -427,11 +427,13 @@ def export_trace(model: BEVFormer, inputs: dict[str, torch.Tensor], path: str | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with msda_implementation(msda_impl), torch.no_grad(), autocast:
-        stream.step(*frame_args, torch.zeros(1, dtype=torch.bool, device=device), [_SCENE])
+        stream.step(*frame_args, torch.zeros(1, dtype=torch.bool, device=device), [_SCENE],
+                    can_bus_abs=inputs.get("can_bus_abs"))
         with profile(activities=activities, record_shapes=True, profile_memory=True) as profiler:
             for frame in range(frames):
                 with record_function(f"streaming_frame_{frame}"):
-                    stream.step(*frame_args, torch.ones(1, dtype=torch.bool, device=device), [_SCENE])
+                    stream.step(*frame_args, torch.ones(1, dtype=torch.bool, device=device), [_SCENE],
+                                can_bus_abs=inputs.get("can_bus_abs"))
     profiler.export_chrome_trace(str(path))
     return path
 

@@ -133,8 +133,9 @@ class SyntheticDataSpec:
     seed: int = 0
 
     def folder_name(self) -> str:
-        # generator_format: raise it when write_synthetic_nuscenes changes what the same arguments produce.
-        key = json.dumps({"generator_format": 1, **dataclasses.asdict(self)}, sort_keys=True)
+        # generator_format: raise it when write_synthetic_nuscenes changes what the same arguments produce
+        # (2: buses have a windscreen, issue 14).
+        key = json.dumps({"generator_format": 2, **dataclasses.asdict(self)}, sort_keys=True)
         return f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -151,9 +152,13 @@ EMBEDDED_SYNTHETIC = SyntheticDataSpec(num_scenes=80, num_val_scenes=8, samples_
 # trains a fixed number of steps sized to the 15-minute budget on 2 CPU cores (docs/benchmarks.md).
 EMBEDDED_RUN_OVERRIDES: dict[str, tuple[str, ...]] = {
     "bev_tiny": ("data.image_size_hw=[180,320]", "train.max_steps=120", "train.warmup_steps=30",
-                 "data.num_workers=1"),
+                 "data.num_workers=1", "train.channels_last=true"),
     "bev_small": ("data.image_size_hw=[180,320]",),
     "bev_base": ("data.image_size_hw=[180,320]",),
+    # The published checkpoints' official test resize of the synthetic 320x180 images: x0.5, x0.8, x1.0.
+    "bevformer_tiny": ("data.image_size_hw=[90,160]", "data.num_workers=1"),
+    "bevformer_small": ("data.image_size_hw=[144,256]", "data.num_workers=1"),
+    "bevformer_base": ("data.image_size_hw=[180,320]", "data.num_workers=1"),
 }
 
 
@@ -593,6 +598,108 @@ class ValidateAtMaxSteps(lightning.Callback):
             trainer.should_stop = True
 
 
+class LearningEvidence(lightning.Callback):
+    """What a user reads at the end of a run to see that training did something, whatever the metrics say.
+
+    ``probe``: the loss of the model on a fixed set of validation samples (no augmentation, eval mode, no gradient),
+    measured at the start of ``fit`` (the untrained or resumed weights: the baseline) and at its end, on rank 0.
+    ``train_losses``: the training loss of every optimiser step (rank 0's batches).
+    """
+
+    def __init__(self, num_probe_samples: int = 4, resumed: bool = False):
+        self.num_probe_samples = int(num_probe_samples)
+        self.resumed = bool(resumed)
+        self.probe_start: float | None = None
+        self.probe_end: float | None = None
+        self.probe_tokens: list[str] = []
+        self.train_losses: list[float] = []
+
+    def _probe_batches(self, trainer) -> list[dict[str, Any]]:
+        dataset = trainer.datamodule.val_dataset
+        count = min(self.num_probe_samples, len(dataset))
+        # spread over the split (several scenes), always the same samples
+        indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
+        return [collate([dataset[i]]) for i in indices]
+
+    @torch.no_grad()
+    def probe_loss(self, trainer, pl_module) -> float:
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            losses = []
+            for batch in self._probe_batches(trainer):
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                with trainer.precision_plugin.forward_context():
+                    losses.append(float(model.forward_train(batch)["loss"].float()))
+                self.probe_tokens.append(batch["sample_token"][0])
+        finally:
+            model.train(was_training)
+        return float(np.mean(losses))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and trainer.datamodule is not None:
+            trainer.datamodule.setup("validate")
+            self.probe_start = self.probe_loss(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.train_losses.append(float(loss.detach().float()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.probe_start is not None:
+            self.probe_tokens = []
+            self.probe_end = self.probe_loss(trainer, pl_module)
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.probe_start is not None and self.probe_end is not None:
+            change = 100.0 * (self.probe_end - self.probe_start) / max(abs(self.probe_start), 1e-12)
+            lines.append(f"loss on {len(self.probe_tokens)} fixed validation samples (no augmentation): "
+                         f"{self.probe_start:.3f} at the start "
+                         f"({'the resumed weights' if self.resumed else 'untrained baseline'}) -> {self.probe_end:.3f} at the "
+                         f"end ({change:+.0f}%)")
+        if len(self.train_losses) >= 2:
+            k = max(1, min(10, len(self.train_losses) // 4))
+            first, last = np.mean(self.train_losses[:k]), np.mean(self.train_losses[-k:])
+            lines.append(f"training loss (rank 0, augmented batches): mean of the first {k} steps {first:.3f}, of "
+                         f"the last {k} steps {last:.3f}")
+        return lines
+
+
+def render_validation_picture(results_path: Path, data_root: Path, val_info_path: Path, out_path: Path,
+                              class_names: Sequence[str], range_m: float) -> Path | None:
+    """A bird's-eye view of one validation sample: ground truth (filled) vs the run's predictions (outlines),
+    read from the validation's results JSON (the last frame of the first scene, so it had a temporal history).
+    Predictions shown: score >= 0.3, or the as many best as there are ground-truth boxes when fewer pass 0.3
+    (an early model's scores are low; the title says the threshold). Returns the PNG path (None without results)."""
+    import cv2
+
+    from bevdeform.data.infos import load_infos
+    from bevdeform.visualize import boxes_from_results, render_sample
+
+    if results_path is None or not Path(results_path).is_file():
+        return None
+    results = json.loads(Path(results_path).read_text())["results"]
+    _, infos = load_infos(val_info_path)
+    scene = [info for info in infos if info["scene_token"] == infos[0]["scene_token"]]
+    info = max(scene, key=lambda i: i["frame_idx"])
+    pred = boxes_from_results(results.get(info["token"], []), np.asarray(info["ego2global"]), class_names)
+    num_gt = len(info["gt_names"])
+    scores = np.sort(pred.scores)[::-1] if pred.scores is not None else np.zeros(0)
+    threshold = 0.3
+    if len(scores) and (scores >= 0.3).sum() < num_gt:
+        threshold = float(scores[min(num_gt, len(scores)) - 1])
+    pictures = render_sample(info, data_root, pred, class_names, score_threshold=threshold, range_m=range_m)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    bev = pictures["bev"]
+    cv2.putText(bev, f"predictions shown: score >= {threshold:.3f}", (8, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (220, 220, 220), 1, cv2.LINE_AA)
+    cv2.imwrite(str(out_path), bev)
+    return out_path
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO``: ``torch.save`` into a temporary file in the checkpoint's folder, fsync,
     ``os.replace`` (a run killed while saving leaves the previous checkpoint intact); loads with
@@ -632,7 +739,19 @@ def build_datamodule(cfg: Config, source: DataSource, seed: int, pin_memory: boo
         val_queue_length=d.val_queue_length,
         train_batch_size=d.train_batch_size, val_batch_size=d.val_batch_size, num_workers=d.num_workers,
         persistent_workers=d.num_workers > 0, pin_memory=pin_memory, seed=seed, class_names=d.class_names,
-        point_cloud_range_m=d.point_cloud_range_m, photometric_aug=d.photometric_aug)
+        point_cloud_range_m=d.point_cloud_range_m, photometric_aug=d.photometric_aug,
+        bevformer_v1_inputs=d.bevformer_v1_inputs, image_pipeline=d.image_pipeline)
+
+
+def apply_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """``train.channels_last``: the backbone's and the neck's parameters in channels-last memory format (their
+    convolutions then produce channels-last activations from ordinary inputs). The values are unchanged; state
+    dicts load either way."""
+    if channels_last:
+        for part in (getattr(model, "backbone", None), getattr(model, "neck", None)):
+            if part is not None:
+                part.to(memory_format=torch.channels_last)
+    return model
 
 
 def build_module(cfg: Config, model: torch.nn.Module, source: DataSource | None, results_dir: Path | None,
@@ -767,16 +886,24 @@ def train(config: str, overrides: Sequence[str] = (), data_root: str | None = No
           precision: str | None = None, resume: str | os.PathLike | None = None, accelerator: str = "auto",
           checkpoint_every_n_steps: int = 200, log_every_n_steps: int = 10, callbacks: Sequence[Any] = (),
           synthetic_parent: str | os.PathLike = "data", enable_progress_bar: bool = True,
-          val_every_n_epochs: int = 1) -> dict[str, float] | None:
+          val_every_n_epochs: int = 1, init_weights: str | os.PathLike | None = None) -> dict[str, float] | None:
     """Train ``config`` (a name in configs/ or a path) and return the final validation metrics (flat dict).
 
     See ``scripts/train.py`` for the arguments; ``callbacks`` are added to the Trainer's (tests stop runs with
-    them), ``synthetic_parent`` is where the embedded synthetic data folder lives. Raises :class:`RunError` for
-    bad input, before anything long starts.
+    them), ``synthetic_parent`` is where the embedded synthetic data folder lives. ``init_weights``: start from the
+    weights of a checkpoint of the same model (a converted BEVFormer checkpoint, a bevdeform run's checkpoint):
+    fine-tuning, with a fresh optimiser and schedule (``resume`` continues a run instead; the two exclude each
+    other). Raises :class:`RunError` for bad input, before anything long starts.
     """
     start = time.perf_counter()
     all_overrides = [*overrides, *_cli_overrides(max_epochs, max_steps, batch_size, precision)]
     cfg = load_run_config(config, all_overrides, embedded_data=data_root is None)
+    initial_state = None
+    if init_weights is not None:
+        if resume is not None:
+            raise RunError("--init-weights starts a new run from a model's weights and --resume continues a run: "
+                           "pass one of them")
+        initial_state = read_checkpoint(init_weights)
     if resume is not None:
         resume = Path(resume)
         checkpoint = read_checkpoint(resume)
@@ -800,19 +927,34 @@ def train(config: str, overrides: Sequence[str] = (), data_root: str | None = No
 
     lightning.seed_everything(cfg.train.seed, workers=True)
     model = build_model(cfg)
+    if initial_state is not None:
+        from bevdeform.models.bevformer import load_model_weights
+
+        state = initial_state.get("state_dict", initial_state)
+        prefix = "model." if any(str(k).startswith("model.") for k in state) else ""
+        try:
+            load_model_weights(model, state, key_prefix=prefix)
+        except ValueError as error:
+            raise RunError(f"--init-weights {init_weights}: {error}") from None
+        del initial_state, state
+        _log(f"initial weights: {init_weights}")
+    model = apply_memory_format(model, cfg.train.channels_last)
     module = build_module(cfg, model, source, run_dir / "results")
     datamodule = build_datamodule(cfg, source, seed=cfg.train.seed, pin_memory=torch.cuda.is_available())
+    evidence = LearningEvidence(resumed=resume is not None)
     trainer = build_trainer(cfg, run_dir, devices=devices, num_nodes=num_nodes, strategy=strategy,
                             accelerator=accelerator, checkpoint_every_n_steps=checkpoint_every_n_steps,
-                            log_every_n_steps=log_every_n_steps, callbacks=callbacks,
+                            log_every_n_steps=log_every_n_steps, callbacks=[*callbacks, evidence],
                             enable_progress_bar=enable_progress_bar, val_every_n_epochs=val_every_n_epochs)
     check_scenes_per_rank(datamodule, trainer.world_size)
     with _RunDirForChildren(run_dir):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None,
                     weights_only=True)
         # last.ckpt holds the final step whatever the checkpoint callbacks did at it (a best-by-NDS callback that saw
-        # no improvement, or one restored from a resumed checkpoint, may leave it at an earlier step).
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        # no improvement, or one restored from a resumed checkpoint, may leave it at an earlier step). The whole
+        # training state (optimiser, loops, callbacks) so that --resume continues from it: weights_only=False,
+        # said explicitly (Lightning logs a warning-like line otherwise).
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         if module.last_metrics_step != trainer.global_step:
             # Training ended in an epoch without validation: score the final state.
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -820,7 +962,34 @@ def train(config: str, overrides: Sequence[str] = (), data_root: str | None = No
     if metrics is not None:
         _print_metrics(metrics, f"{cfg.name}: validation on {source.eval_split} after {trainer.global_step} steps "
                                 f"({time.perf_counter() - start:.0f} s; run folder {run_dir})")
+    if _global_rank() == 0:
+        _print_run_summary(cfg, run_dir, source, module, evidence, trainer.global_step, time.perf_counter() - start)
     return metrics
+
+
+def _print_run_summary(cfg: Config, run_dir: Path, source: DataSource, module, evidence: LearningEvidence,
+                       steps: int, seconds: float) -> None:
+    """The closing lines of a training run: the loss against the untrained baseline, where the run's files are,
+    and a BEV picture of one validation sample (predictions vs ground truth)."""
+    picture = None
+    try:
+        picture = render_validation_picture(
+            module.last_results_path, source.data_root, source.eval_info_path,
+            run_dir / "pictures" / "val_sample_bev.png", cfg.data.class_names,
+            range_m=max(abs(v) for v in cfg.data.point_cloud_range_m[:2]) + 5.0)
+    except Exception as error:  # a picture must never cost the run's results
+        _log(f"the validation picture could not be drawn: {type(error).__name__}: {error}")
+    lines = [f"{cfg.name}: {steps} optimiser steps in {seconds / 60:.1f} min", *evidence.summary_lines()]
+    if module.last_metrics is not None:
+        m = module.last_metrics
+        lines.append(f"validation ({source.eval_split}, nuScenes devkit): NDS {m['NDS']:.4f}, mAP {m['mAP']:.4f} "
+                     "(table above)")
+    lines += [f"run folder: {run_dir}",
+              "  config.yaml, checkpoints/last.ckpt (+ best by val/NDS), tensorboard/ and csv/ (loss curves),"
+              " results/ (results_nusc.json and metrics of every validation)"]
+    if picture is not None:
+        lines.append(f"BEV picture of one validation sample (predictions vs ground truth): {picture}")
+    print("\n[bevdeform] " + "\n[bevdeform] ".join(lines) + "\n", flush=True)
 
 
 def evaluate(config: str, checkpoint: str | os.PathLike | None = None, overrides: Sequence[str] = (),
@@ -886,6 +1055,7 @@ def evaluate(config: str, checkpoint: str | os.PathLike | None = None, overrides
     except ValueError as error:
         raise RunError(f"--checkpoint {checkpoint}: {error}") from None
     del saved, state
+    model = apply_memory_format(model, cfg.train.channels_last)
     _, infos = load_infos(source.eval_info_path)
     scored = any(len(info["gt_names"]) for info in infos)
     module = build_module(cfg, model, source, out_dir, per_epoch_results=False)

@@ -483,7 +483,11 @@ def predict_scene(model, cfg, info_path: str | os.PathLike, data_root: str | os.
 
     dataset = NuScenesCameraDataset(info_path, data_root, cfg.data.image_size_hw, queue_length=1,
                                     class_names=cfg.data.class_names, point_cloud_range_m=cfg.data.point_cloud_range_m,
-                                    pad_multiple=cfg.data.pad_multiple)
+                                    pad_multiple=cfg.data.pad_multiple,
+                                    bevformer_v1_inputs=cfg.data.bevformer_v1_inputs,
+                                    image_pipeline=cfg.data.image_pipeline)
+    # A bevformer_v1 compatibility detector predicts in the LIDAR_TOP frame: its boxes are moved into the ego frame.
+    in_lidar_frame = getattr(model, "input_frame", "ego") == "lidar"
     index_of = {token: index for index, token in enumerate(dataset.sample_tokens.tolist())}
     missing = [token for token in sample_tokens if token not in index_of]
     if missing:
@@ -496,7 +500,12 @@ def predict_scene(model, cfg, info_path: str | os.PathLike, data_root: str | os.
         batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
         with torch.no_grad():
             found = stream.step_batch(batch)[0]
-        predictions[token] = FrameBoxes(found["boxes"].float().cpu().numpy(), found["labels"].cpu().numpy(),
+        boxes = found["boxes"].double().cpu().numpy()  # (k, 9) [x, y, z, w, l, h, yaw, vx, vy]
+        if in_lidar_frame:
+            from bevdeform.compat.frames import lidar_boxes_to_ego
+
+            boxes = lidar_boxes_to_ego(boxes, batch["lidar2ego"][0].cpu().numpy())
+        predictions[token] = FrameBoxes(boxes.astype(np.float32), found["labels"].cpu().numpy(),
                                         found["scores"].float().cpu().numpy())
         if progress:
             progress(f"predicted {position + 1}/{len(sample_tokens)} frames")

@@ -1,1 +1,1 @@
-"""Native sources of the multi-scale deformable attention op (shipped as package data, compiled on first use)."""
+"""Native sources of the MSDA and DCNv2 ops (shipped as package data, compiled on first use into one extension)."""

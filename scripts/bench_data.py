@@ -12,6 +12,10 @@ batch 2). Examples:
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import datetime
 import os
@@ -44,15 +48,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-batches", type=int, default=2,
                         help="batches not timed (worker start-up, first file reads)")
     parser.add_argument("--no-photometric-aug", action="store_true")
+    parser.add_argument("--image-pipelines", nargs="+", default=("bevdeform",),
+                        choices=("bevdeform", "bevformer_v1_tiny", "bevformer_v1_caffe"),
+                        help="data.image_pipeline values measured side by side (bevformer_v1_*: the official test "
+                             "pipeline, full-size decode)")
     return parser.parse_args()
 
 
-def measure(data_root: Path, info_path: Path, args: argparse.Namespace, num_workers: int) -> float:
+def measure(data_root: Path, info_path: Path, args: argparse.Namespace, num_workers: int,
+            image_pipeline: str = "bevdeform") -> float:
     """Samples per second over ``args.batches`` batches after the warm-up ones."""
     data = NuScenesDataModule(
         data_root=data_root, train_info_path=info_path, val_info_path=None, image_size_hw=tuple(args.image_hw),
         queue_length=args.queue_length, train_batch_size=args.batch_size, num_workers=num_workers,
-        persistent_workers=False, pin_memory=False, seed=0, photometric_aug=not args.no_photometric_aug)
+        persistent_workers=False, pin_memory=False, seed=0, photometric_aug=not args.no_photometric_aug,
+        image_pipeline=image_pipeline)
     data.setup("fit")
     loader = data.train_dataloader()
     needed = args.warmup_batches + args.batches
@@ -99,7 +109,8 @@ def main() -> None:
                 raise SystemExit("--data-root needs --info-path (the train info file)")
             data_root, info_path, source = args.data_root, args.info_path, str(args.data_root)
 
-        rows = [(workers, measure(Path(data_root), info_path, args, workers)) for workers in args.workers]
+        rows = [(pipeline, workers, measure(Path(data_root), info_path, args, workers, pipeline))
+                for workers in args.workers for pipeline in args.image_pipelines]
 
     cpu = cpu_name()
     print(f"Train loader throughput, {datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} logical cores, "
@@ -107,11 +118,11 @@ def main() -> None:
     print(f"data: {source}; images resized to {args.image_hw[0]}x{args.image_hw[1]} (HxW), queue {args.queue_length}, "
           f"batch {args.batch_size}, photometric aug {'off' if args.no_photometric_aug else 'on'}, "
           f"{args.batches} batches timed\n")
-    print("| workers | samples/s | images/s |")
-    print("|---:|---:|---:|")
+    print("| image pipeline | workers | samples/s | images/s |")
+    print("|---|---:|---:|---:|")
     images_per_sample = 6 * args.queue_length
-    for workers, samples_per_s in rows:
-        print(f"| {workers} | {samples_per_s:.2f} | {samples_per_s * images_per_sample:.1f} |")
+    for pipeline, workers, samples_per_s in rows:
+        print(f"| {pipeline} | {workers} | {samples_per_s:.2f} | {samples_per_s * images_per_sample:.1f} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ The streaming detector runs over each scene in order (the BEV carried from frame
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import sys
 

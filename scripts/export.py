@@ -14,6 +14,10 @@ outputs with PyTorch's on an example frame). Needs the ``export`` extra: pip ins
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import sys
 from pathlib import Path

@@ -16,6 +16,10 @@ each number measures.
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import sys
 

@@ -13,6 +13,10 @@ TensorBoard and CSV logs and the results of every validation; the final metrics 
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import sys
 
@@ -37,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     parser.add_argument("--precision", default=None, help="overrides train.precision: 32-true, 16-mixed, bf16-mixed")
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue a run from its checkpoint")
+    parser.add_argument("--init-weights", default=None, metavar="CKPT",
+                        help="fine-tune: start a new run from these weights of the same model (e.g. a converted "
+                             "BEVFormer checkpoint), with a fresh optimiser and schedule")
     parser.add_argument("--checkpoint-every-n-steps", type=int, default=200,
                         help="also write last.ckpt every this many optimiser steps (default 200)")
     parser.add_argument("--log-every-n-steps", type=int, default=10)
@@ -53,7 +60,8 @@ def main(argv=None) -> int:
               max_epochs=args.max_epochs, max_steps=args.max_steps, batch_size=args.batch_size, devices=devices,
               num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, resume=args.resume,
               accelerator=args.accelerator, checkpoint_every_n_steps=args.checkpoint_every_n_steps,
-              log_every_n_steps=args.log_every_n_steps, val_every_n_epochs=args.val_every_n_epochs)
+              log_every_n_steps=args.log_every_n_steps, val_every_n_epochs=args.val_every_n_epochs,
+              init_weights=args.init_weights)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,10 @@ set is used (written on first use, as scripts/train.py does).
 
 from __future__ import annotations
 
+from bevdeform.runtime import use_passive_openmp_wait
+
+use_passive_openmp_wait()  # before torch loads (bevdeform/runtime.py: OpenMP spin-wait on shared cores)
+
 import argparse
 import sys
 

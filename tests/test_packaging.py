@@ -46,7 +46,7 @@ def test_wheel_carries_native_sources_and_configs(wheel):
         assert f"bevdeform/_ops/{source}" in names
     for config in ("bev_nano", "bev_tiny", "bev_small", "bev_base"):
         assert f"bevdeform/_configs/{config}.yaml" in names
-    for module in ("msda.py", "geometry.py", "models/bevformer.py", "data/dataset.py"):
+    for module in ("msda.py", "geometry.py", "models/bevformer.py", "data/dataset.py", "compat/bevformer_v1.py"):
         assert f"bevdeform/{module}" in names
 
 

@@ -148,3 +148,21 @@ def test_script_prints_a_table_and_writes_json(tmp_path, capsys):
     assert np.isfinite(next(iter(data["runs"].values()))["end_to_end"]["p99_ms"])
     assert script.main(["--config", "bev_nano", "--device", "cuda:0"] if not torch.cuda.is_available()
                        else ["--config", "bev_nano", "--threads", "0"]) == 2
+
+
+def test_published_bevformer_configs_profile_with_lidar2img_and_can_bus():
+    """A `model.frame: lidar` model (configs/bevformer_*.yaml) gets lidar2img (the rig's ego2img after the LIDAR_TOP
+    extrinsics) and an absolute CAN-bus vector in the example inputs, and profiles like any other config."""
+    from bevdeform.config import load_config
+    from bevdeform.data.synthetic import rig_calibration
+    from bevdeform.profiling import run_profile
+
+    ego_cfg, lidar_cfg = load_config("bev_tiny"), load_config("bevformer_tiny")
+    ego_inputs = example_frame_inputs(ego_cfg, image_size_hw=(64, 112))
+    lidar_inputs = example_frame_inputs(lidar_cfg, image_size_hw=(64, 112))
+    assert "can_bus_abs" not in ego_inputs and lidar_inputs["can_bus_abs"].shape == (1, 18)
+    lidar2ego = torch.tensor(rig_calibration(seed=0, log_index=0, scale=1.0)["LIDAR_TOP"].sensor2ego())
+    torch.testing.assert_close(lidar_inputs["ego2img"].double(), ego_inputs["ego2img"].double() @ lidar2ego,
+                               rtol=1e-5, atol=1e-3)
+    report = run_profile("bevformer_tiny", image_size_hw=(64, 112), iters=1, warmup=1, threads=1)
+    assert report.runs["native" if native_available("cpu", torch.float32) else "reference"].end_to_end.median_ms > 0

@@ -436,3 +436,72 @@ def test_bev_nano_learns_to_detect_and_scrambled_extrinsics_do_not(tmp_path_fact
           f"NDS {scrambled['NDS']:.4f} mAP {scrambled['mAP']:.4f}")
     assert learned["NDS"] >= NDS_THRESHOLD and learned["mAP"] >= MAP_THRESHOLD, learned
     assert scrambled["NDS"] < NDS_THRESHOLD and scrambled["mAP"] < MAP_THRESHOLD, scrambled
+
+
+def test_run_ends_with_loss_against_untrained_baseline_files_and_a_bev_picture(small_data, tmp_path, capsys):
+    """The closing lines of a run: the probe loss at the start equals the untrained model's loss on those
+    validation samples computed here independently, training lowers it, and the BEV picture is written."""
+    import re
+
+    import cv2
+
+    from bevdeform.config import build_model
+    from bevdeform.data.dataset import NuScenesCameraDataset, collate
+    from bevdeform.data.infos import info_path
+
+    overrides = [*FAST_MODEL, "data.train_batch_size=2", "train.max_steps=12", "train.lr=2e-3"]
+    train("bev_nano", overrides=overrides, data_root=str(small_data), version="v1.0-synthetic",
+          out=tmp_path / "run", enable_progress_bar=False, accelerator="cpu", devices=1)
+    printed = capsys.readouterr().out
+    match = re.search(r"loss on (\d+) fixed validation samples \(no augmentation\): ([\d.]+) at the start "
+                      r"\(untrained baseline\) -> ([\d.]+) at the end", printed)
+    assert match, printed[-3000:]
+    count, start, end = int(match.group(1)), float(match.group(2)), float(match.group(3))
+    assert count == 4 and end < start
+    assert "training loss (rank 0, augmented batches)" in printed
+    picture = tmp_path / "run" / "pictures" / "val_sample_bev.png"
+    assert f"BEV picture of one validation sample (predictions vs ground truth): {picture}" in printed
+    image = cv2.imread(str(picture))
+    assert image is not None and image.shape[0] == image.shape[1] and image.std() > 0
+    assert f"run folder: {tmp_path / 'run'}" in printed
+
+    # The baseline, independently: the same seed builds the same untrained weights; the same 4 samples.
+    cfg = load_config("bev_nano", overrides)
+    lightning.seed_everything(cfg.train.seed)
+    model = build_model(cfg).eval()
+    dataset = NuScenesCameraDataset(info_path(small_data, "v1.0-synthetic", "synthetic_val"), small_data,
+                                    cfg.data.image_size_hw, queue_length=1, class_names=cfg.data.class_names,
+                                    point_cloud_range_m=cfg.data.point_cloud_range_m, pad_multiple=cfg.data.pad_multiple)
+    indices = np.linspace(0, len(dataset) - 1, 4).round().astype(int)
+    with torch.no_grad():
+        losses = [float(model.forward_train(collate([dataset[int(i)]]))["loss"]) for i in indices]
+    assert start == pytest.approx(np.mean(losses), rel=1e-3)
+
+
+def test_channels_last_changes_the_memory_format_not_the_numbers():
+    """train.channels_last: backbone and neck weights (and so their activations) channels-last; the features and
+    their gradients equal the contiguous model's."""
+    from bevdeform.config import build_model
+    from bevdeform.train import apply_memory_format
+
+    cfg = load_config("bev_nano", list(FAST_MODEL))
+    torch.manual_seed(0)
+    plain = build_model(cfg).train()
+    fast = build_model(cfg).train()
+    fast.load_state_dict(plain.state_dict())
+    apply_memory_format(fast, True)
+    conv = next(m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    images = torch.randn(1, cfg.model.num_cameras, 3, 64, 128)
+    out_plain, out_fast = plain.extract_features(images), fast.extract_features(images)
+    assert not out_fast[0].is_contiguous()  # (B, N, C, H, W) view of channels-last maps
+    def rel(a, b):  # float32 convolutions in another memory layout sum in another order: compare by norms
+        return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+    for a, b in zip(out_plain, out_fast):
+        assert rel(a, b) < 1e-5
+    sum(f.square().mean() for f in out_plain).backward()
+    sum(f.square().mean() for f in out_fast).backward()
+    for (name, p), q in zip(plain.backbone.named_parameters(), fast.backbone.parameters()):
+        if p.grad is not None:
+            assert rel(p.grad, q.grad) < 1e-3, name  # sums of many terms (BN biases) cancel: float32 noise

@@ -60,6 +60,8 @@ class NuScenesDataModule(lightning.LightningDataModule):
         class_names, point_cloud_range_m: GT filtering, as in ``NuScenesCameraDataset``.
         photometric_aug: jitter the training images (never the validation ones).
         drop_last_train: drop the last incomplete training batch.
+        bevformer_v1_inputs, image_pipeline: the compatibility inputs of BEVFormer's published checkpoints, as in
+            ``NuScenesCameraDataset`` (both loaders).
 
     Validation goes through ``SceneOrderedDistributedSampler`` when ``trainer.world_size > 1`` (whole scenes per
     rank, in time order, no sample duplicated, so ranks may see different numbers of samples), else in dataset
@@ -74,7 +76,8 @@ class NuScenesDataModule(lightning.LightningDataModule):
                  persistent_workers: bool = True, pin_memory: bool = True, seed: int = 0,
                  class_names: Sequence[str] = CLASS_NAMES,
                  point_cloud_range_m: Sequence[float] = DEFAULT_POINT_CLOUD_RANGE_M, photometric_aug: bool = True,
-                 drop_last_train: bool = False):
+                 drop_last_train: bool = False, bevformer_v1_inputs: bool = False,
+                 image_pipeline: str = "bevdeform"):
         super().__init__()
         if train_batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got train {train_batch_size}, val {val_batch_size}")
@@ -97,6 +100,8 @@ class NuScenesDataModule(lightning.LightningDataModule):
         self.point_cloud_range_m = tuple(point_cloud_range_m)
         self.photometric_aug = photometric_aug
         self.drop_last_train = drop_last_train
+        self.bevformer_v1_inputs = bool(bevformer_v1_inputs)
+        self.image_pipeline = str(image_pipeline)
         self.train_dataset: NuScenesCameraDataset | None = None
         self.val_dataset: NuScenesCameraDataset | None = None
 
@@ -108,7 +113,8 @@ class NuScenesDataModule(lightning.LightningDataModule):
                 self.train_info_path, self.data_root, self.image_size_hw, queue_length=self.queue_length,
                 pad_multiple=self.pad_multiple,
                 class_names=self.class_names, point_cloud_range_m=self.point_cloud_range_m,
-                photometric_aug=self.photometric_aug, seed=self.seed)
+                photometric_aug=self.photometric_aug, seed=self.seed,
+                bevformer_v1_inputs=self.bevformer_v1_inputs, image_pipeline=self.image_pipeline)
         if stage in (None, "fit", "validate", "test", "predict") and self.val_dataset is None:
             if self.val_info_path is None:
                 if stage in ("validate", "test", "predict"):
@@ -118,7 +124,8 @@ class NuScenesDataModule(lightning.LightningDataModule):
                 self.val_info_path, self.data_root, self.image_size_hw, queue_length=self.val_queue_length,
                 pad_multiple=self.pad_multiple,
                 class_names=self.class_names, point_cloud_range_m=self.point_cloud_range_m,
-                photometric_aug=False, seed=self.seed)
+                photometric_aug=False, seed=self.seed,
+                bevformer_v1_inputs=self.bevformer_v1_inputs, image_pipeline=self.image_pipeline)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         trainer = self.trainer

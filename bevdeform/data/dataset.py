@@ -56,6 +56,8 @@ DEFAULT_POINT_CLOUD_RANGE_M: tuple[float, ...] = (-51.2, -51.2, -3.0, 51.2, 51.2
 
 # Keys of a sample (and of the batch) that are arrays stacked along a new batch axis.
 _STACKED_KEYS = ("images", "image_hw", "ego2img", "ego_prev2curr", "has_prev", "ego2global", "timestamp_s")
+# Stacked too when the samples have them (bevformer_v1_inputs).
+_BEVFORMER_V1_KEYS = ("lidar2img", "can_bus_abs", "can_bus_abs_history", "lidar2ego", "img_shape_hw")
 
 
 class NuScenesCameraDataset(Dataset):
@@ -77,6 +79,15 @@ class NuScenesCameraDataset(Dataset):
         mean_rgb, std_rgb: normalisation, RGB order, 0-255 scale.
         seed: seeds the photometric jitter's generator in this process; DataLoader workers reseed it through
             ``reseed`` (the data module's ``worker_init_fn`` does).
+        bevformer_v1_inputs: also produce the inputs of BEVFormer's published checkpoints (``bevdeform.compat``):
+            ``lidar2img``, ``can_bus_abs``, ``can_bus_abs_history``, ``lidar2ego``, ``img_shape_hw`` (see
+            ``collate``). Needs info files with ``can_bus_v1`` (created from a data root with the CAN bus
+            expansion); a file without it is refused, naming the folder.
+        image_pipeline: "bevdeform" (the default path above) or an official test pipeline,
+            "bevformer_v1_tiny" / "bevformer_v1_caffe" (``bevdeform.compat.image_pipeline``: full decode,
+            mmcv normalisation in the variant's channel order, bilinear resize of the normalised image, zero pad);
+            mean_rgb / std_rgb and reduced_jpeg_decode are then unused. Photometric jitter, when on, is applied to
+            the decoded image before normalisation, as in the official training pipeline.
 
     A sample (``__getitem__``) is a dict with the batch's keys and shapes without the leading B (see ``collate``):
     ``images`` a float32 torch tensor (T, N, 3, H_pad, W_pad), the other arrays numpy, ``gt_boxes`` (n, 9) float32,
@@ -90,7 +101,8 @@ class NuScenesCameraDataset(Dataset):
                  point_cloud_range_m: Sequence[float] = DEFAULT_POINT_CLOUD_RANGE_M, photometric_aug: bool = False,
                  pad_multiple: int = 32, use_valid_flag: bool = True, reduced_jpeg_decode: bool = True,
                  mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB,
-                 std_rgb: tuple[float, float, float] = IMAGENET_STD_RGB, seed: int = 0):
+                 std_rgb: tuple[float, float, float] = IMAGENET_STD_RGB, seed: int = 0,
+                 bevformer_v1_inputs: bool = False, image_pipeline: str = "bevdeform"):
         if queue_length < 1:
             raise ValueError(f"queue_length must be >= 1, got {queue_length}")
         if len(image_size_hw) != 2 or min(image_size_hw) < 1:
@@ -111,11 +123,23 @@ class NuScenesCameraDataset(Dataset):
         self.std_rgb = tuple(std_rgb)
         self.photometric = PhotoMetricDistortion() if photometric_aug else None
         self._rng = np.random.default_rng(seed)
+        self.bevformer_v1_inputs = bool(bevformer_v1_inputs)
+        self.image_pipeline = str(image_pipeline)
+        self._official_norm = None
+        if self.image_pipeline != "bevdeform":
+            from bevdeform.compat.image_pipeline import IMAGE_PIPELINES, image_norm
+
+            if self.image_pipeline not in IMAGE_PIPELINES:
+                raise ValueError(f"image_pipeline {self.image_pipeline!r}: expected 'bevdeform' or one of "
+                                 f"{sorted(IMAGE_PIPELINES)}")
+            self._official_norm = image_norm(self.image_pipeline)
 
         self.metadata, infos = load_infos(self.info_path)
         self._build_frame_tables(infos)
         self._build_gt_tables(infos)
         self.queue_indices = self._build_queue_indices(infos)  # (F, T) frame indices, oldest first
+        if self.bevformer_v1_inputs:
+            self._build_bevformer_v1_tables(infos)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction: everything that does not depend on pixels
@@ -152,6 +176,32 @@ class NuScenesCameraDataset(Dataset):
                                       dtype=np.float32).reshape(-1, 4, 4)
         self.has_prev = np.array([bool(info["has_prev"]) for info in infos], dtype=bool)
         self.timestamp_s = np.array([info["timestamp"] for info in infos], dtype=np.float64) * 1e-6
+
+    def _build_bevformer_v1_tables(self, infos: list[dict]) -> None:
+        """lidar2img (F, N, 4, 4) for the image as fed (plain resize factor, the official convention), lidar2ego
+        (F, 4, 4) and the official absolute CAN-bus vectors (F, 18) (``bevdeform.compat``)."""
+        from bevdeform.compat.frames import lidar2img_from
+
+        num_frames, num_cams = len(infos), len(CAMERA_NAMES)
+        target_height, target_width = self.image_size_hw
+        lidar2img = np.zeros((num_frames, num_cams, 4, 4))
+        for frame, info in enumerate(infos):
+            for cam_index, name in enumerate(CAMERA_NAMES):
+                cam = info["cams"][name]
+                scale_xy = (target_width / int(cam["width"]), target_height / int(cam["height"]))
+                lidar2img[frame, cam_index] = lidar2img_from(cam["intrinsics"], cam["cam2lidar"], scale_xy)
+        self.lidar2img = lidar2img.astype(np.float32)
+        self.lidar2ego = np.array([info["lidar2ego"] for info in infos], dtype=np.float64).reshape(-1, 4, 4)
+        missing = [info["token"] for info in infos if "can_bus_v1" not in info]
+        if missing:
+            data_root = self.metadata.get("data_root", "<data_root>")
+            raise ValueError(
+                f"info file {self.info_path}: {len(missing)} of {len(infos)} samples (first {missing[0]}) lack "
+                f"can_bus_v1, the CAN-bus input of BEVFormer's checkpoints (data.bevformer_v1_inputs). It is "
+                f"written by data_prep/create_infos.py when the CAN bus expansion is there: folder "
+                f"{Path(data_root) / 'can_bus'} (or pass --can-bus-root R with R/can_bus); download it from "
+                f"https://www.nuscenes.org/download and re-create the info files")
+        self.can_bus_abs = np.array([info["can_bus_v1"] for info in infos], dtype=np.float64).reshape(-1, 18)
 
     def _build_gt_tables(self, infos: list[dict]) -> None:
         label_of = {name: index for index, name in enumerate(self.class_names)}
@@ -244,7 +294,19 @@ class NuScenesCameraDataset(Dataset):
             for cam_index in range(num_cams):
                 self._load_camera_image(int(frame), cam_index, images[slot, cam_index], queue_of=index)
         gt_boxes, gt_labels = self.frame_gt(index)
-        return {
+        extra = {}
+        if self.bevformer_v1_inputs:
+            from bevdeform.compat.frames import ego_boxes_to_lidar
+
+            extra = {
+                "lidar2img": self.lidar2img[frames],  # (T, N, 4, 4)
+                "can_bus_abs": self.can_bus_abs[index],  # (18,)
+                "can_bus_abs_history": self.can_bus_abs[frames[:-1]].reshape(-1, 18),  # (T - 1, 18)
+                "lidar2ego": self.lidar2ego[index],  # (4, 4)
+                "img_shape_hw": np.array(self.padded_hw, dtype=np.int64),  # (2,)
+                "gt_boxes_lidar": ego_boxes_to_lidar(gt_boxes, self.lidar2ego[index]).astype(np.float32),  # (n, 9)
+            }
+        return {**extra,
             "images": images_tensor,  # (T, N, 3, H_pad, W_pad)
             "image_hw": np.broadcast_to(np.array(self.image_size_hw, dtype=np.int64),
                                         (self.queue_length, num_cams, 2)).copy(),
@@ -268,11 +330,23 @@ class NuScenesCameraDataset(Dataset):
         path = str(self.image_paths[frame, cam_index])
         disk_hw = (int(self.disk_hw[frame, cam_index, 0]), int(self.disk_hw[frame, cam_index, 1]))
         try:
-            image = read_image_bgr(path, disk_hw, self.image_size_hw, self.reduced_jpeg_decode)
+            if self._official_norm is not None:
+                from bevdeform.compat.image_pipeline import read_image_unchanged
+
+                image = read_image_unchanged(path, disk_hw)
+            else:
+                image = read_image_bgr(path, disk_hw, self.image_size_hw, self.reduced_jpeg_decode)
         except (FileNotFoundError, ImageDecodeError) as error:
             history = f", history frame of sample {self.sample_tokens[queue_of]}" if queue_of != frame else ""
             raise type(error)(f"{error} (sample {self.sample_tokens[frame]}, camera {CAMERA_NAMES[cam_index]}"
                               f"{history}, info file {self.info_path})") from None
+        if self._official_norm is not None:
+            from bevdeform.compat.image_pipeline import official_image_into_chw
+
+            if self.photometric is not None:
+                image = self.photometric(image, self._rng)
+            official_image_into_chw(image, self._official_norm, self.image_size_hw, out_chw)
+            return
         image = resize_image(image, self.image_size_hw)
         if self.photometric is not None:
             image = self.photometric(image, self._rng)
@@ -302,6 +376,12 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ego_prev2curr (B, T, 4, 4) float32; has_prev (B, T) bool; ego2global (B, T, 4, 4) float64;
         timestamp_s (B, T) float64; gt_boxes list of B float32 (n_b, 9); gt_labels list of B int64 (n_b,);
         sample_token, scene_token lists of B str.
+        With ``bevformer_v1_inputs`` also: lidar2img (B, T, N, 4, 4) float32 (LIDAR_TOP -> pixels of the image as
+        fed, plain resize factor); can_bus_abs (B, 18) float64 (the official absolute CAN-bus vector of the current
+        frame, before the detector's delta step); can_bus_abs_history (B, T - 1, 18) float64 (the history frames,
+        oldest first); lidar2ego (B, 4, 4) float64 (current frame); img_shape_hw (B, 2) int64 (the padded size);
+        gt_boxes_lidar list of B float32 (n_b, 9): gt_boxes in the keyframe LIDAR_TOP frame, the devkit convention
+        [x, y, z centre, w, l, h, yaw about lidar z, vx, vy in lidar axes] (``compat.frames.ego_boxes_to_lidar``).
 
     Inside a DataLoader worker the stacked tensors are allocated in shared memory (``default_collate`` does that), so
     the batch reaches the main process without another copy; a single sample's images are not copied at all.
@@ -309,7 +389,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
     batch: dict[str, Any] = {}
-    for key in _STACKED_KEYS:
+    for key in _STACKED_KEYS + tuple(key for key in _BEVFORMER_V1_KEYS if key in samples[0]):
         shapes = {tuple(np.shape(sample[key])) for sample in samples}
         if len(shapes) > 1:
             tokens = [sample["sample_token"] for sample in samples]
@@ -320,6 +400,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch[key] = tensors[0].unsqueeze(0) if len(tensors) == 1 else default_collate(tensors)
     batch["gt_boxes"] = [torch.from_numpy(sample["gt_boxes"]).reshape(-1, 9) for sample in samples]
     batch["gt_labels"] = [torch.from_numpy(sample["gt_labels"]).reshape(-1) for sample in samples]
+    if "gt_boxes_lidar" in samples[0]:
+        batch["gt_boxes_lidar"] = [torch.from_numpy(sample["gt_boxes_lidar"]).reshape(-1, 9) for sample in samples]
     batch["sample_token"] = [sample["sample_token"] for sample in samples]
     batch["scene_token"] = [sample["scene_token"] for sample in samples]
     return batch

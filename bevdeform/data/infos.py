@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,8 @@ def info_path(out_dir: str | os.PathLike, version: str, split: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 def create_infos(data_root: str | os.PathLike, version: str, out_dir: str | os.PathLike | None = None,
-                 progress: bool = True, check_images: bool = True) -> dict[str, Path]:
+                 progress: bool = True, check_images: bool = True,
+                 can_bus_root: str | os.PathLike | None = None) -> dict[str, Path]:
     """Convert nuScenes ``<data_root>/<version>`` into one info file per split; returns {split: path}.
 
     Splits: those of ``<data_root>/<version>/splits.json`` when it exists (e.g. synthetic_train/synthetic_val),
@@ -89,11 +91,30 @@ def create_infos(data_root: str | os.PathLike, version: str, out_dir: str | os.P
     image; ValueError for a sample without LIDAR_TOP or a camera, an annotation of a category the devkit does not
     know, more than one attribute on an annotation, an image whose size disagrees with its record.
     A sample without annotations is fine: its gt arrays are empty.
+
+    can_bus_root: the folder holding the nuScenes CAN bus expansion's ``can_bus/`` (default: data_root when it has
+    ``can_bus/``, else data_root's parent when that has it: the official layout ``data/can_bus`` beside
+    ``data/nuscenes``). When ``<can_bus_root>/can_bus`` exists, every sample also gets ``can_bus_v1``: the 18-number
+    CAN-bus vector of BEVFormer's published checkpoints, built as the official converter and dataset build it
+    (``bevdeform.compat.can_bus.official_can_bus``), read only by the ``data.bevformer_v1_inputs`` path. Without
+    the folder the key is left out (and that path refuses the file, naming the folder); a can_bus_root passed
+    explicitly must hold it (FileNotFoundError naming the folder).
     """
     data_root = Path(data_root).expanduser().resolve()
     out_dir = data_root if out_dir is None else Path(out_dir).expanduser().resolve()
     table_root = _check_tables(data_root, version)
     splits = _scene_names_of_splits(table_root, version)
+    from bevdeform.compat.can_bus import CAN_BUS_DIRNAME, can_bus_dir
+
+    if can_bus_root is not None:
+        can_bus_root = Path(can_bus_root).expanduser().resolve()
+        can_bus_dir(can_bus_root)  # explicitly asked for: must exist
+    elif (data_root / CAN_BUS_DIRNAME).is_dir():
+        can_bus_root = data_root
+    elif (data_root.parent / CAN_BUS_DIRNAME).is_dir():
+        can_bus_root = data_root.parent  # the official BEVFormer layout: data/can_bus beside data/nuscenes
+    if can_bus_root is not None and progress:
+        print(f"[infos] CAN bus expansion: {can_bus_root / CAN_BUS_DIRNAME} (adds can_bus_v1)", flush=True)
 
     # Imported here: the devkit pulls matplotlib, cv2 and sklearn (~1 s), which the training path does not need.
     from nuscenes import NuScenes
@@ -114,13 +135,14 @@ def create_infos(data_root: str | os.PathLike, version: str, out_dir: str | os.P
         infos: list[dict[str, Any]] = []
         with tqdm(total=num_samples, desc=f"infos {version} {split}", unit="sample", disable=not progress) as bar:
             for scene in scenes:
-                for info in _scene_infos(nusc, data_root, table_root, scene, check_images):
+                for info in _scene_infos(nusc, data_root, table_root, scene, check_images, can_bus_root):
                     infos.append(info)
                     bar.update(1)
         metadata = {
             "format": INFO_FORMAT, "format_version": INFO_FORMAT_VERSION, "version": version, "split": split,
             "data_root": str(data_root), "frame": "ego@lidar", "box": "xyz_centre_wlh_yaw",
             "class_names": list(CLASS_NAMES),
+            "can_bus_root": None if can_bus_root is None else str(can_bus_root),
         }
         paths[split] = _write_json_atomically({"metadata": metadata, "infos": infos},
                                               info_path(out_dir, version, split))
@@ -165,8 +187,18 @@ def _scene_names_of_splits(table_root: Path, version: str) -> dict[str, list[str
     return {split: list(predefined[split]) for split in PREDEFINED_SPLITS[version]}
 
 
-def _scene_infos(nusc, data_root: Path, table_root: Path, scene: dict, check_images: bool):
-    """Yield the info dicts of one scene's keyframes, in time order."""
+def _scene_infos(nusc, data_root: Path, table_root: Path, scene: dict, check_images: bool,
+                 can_bus_root: Path | None = None):
+    """Yield the info dicts of one scene's keyframes, in time order (with ``can_bus_v1`` when can_bus_root is set)."""
+    pose_messages = None
+    if can_bus_root is not None:
+        from bevdeform.compat.can_bus import read_pose_messages
+
+        pose_messages = read_pose_messages(can_bus_root, scene["name"])
+        if pose_messages is None:
+            warnings.warn(f"scene {scene['name']} has no CAN bus pose messages under {can_bus_root / 'can_bus'}: "
+                          f"its can_bus_v1 accel / rotation rate / velocity are zeros, as the official converter "
+                          f"writes them")
     sample_token = scene["first_sample_token"]
     frame_idx = 0
     ego2global_prev = None
@@ -178,6 +210,13 @@ def _scene_infos(nusc, data_root: Path, table_root: Path, scene: dict, check_ima
         seen.add(sample_token)
         sample = nusc.get("sample", sample_token)
         info = _sample_info(nusc, data_root, table_root, scene, sample, frame_idx, check_images)
+        if can_bus_root is not None:
+            from bevdeform.compat.can_bus import official_can_bus
+
+            # The LIDAR_TOP ego pose record itself: the sign of its stored quaternion decides the vector's [3:7].
+            pose = nusc.get("ego_pose", nusc.get("sample_data", info["lidar_token"])["ego_pose_token"])
+            info["can_bus_v1"] = official_can_bus(pose["translation"], pose["rotation"], pose_messages,
+                                                  int(sample["timestamp"])).tolist()
         ego2global = np.asarray(info["ego2global"])
         if ego2global_prev is None:
             info["ego_prev2curr"], info["has_prev"] = np.eye(4).tolist(), False
@@ -391,6 +430,11 @@ def _info_from_json(info: Any, path: Path, index: int) -> dict[str, Any]:
     out = dict(info)
     for key in ("lidar2ego", "ego2global", "ego_prev2curr"):
         out[key] = _matrix(info[key], (4, 4), f"{where} {key}")
+    if "can_bus_v1" in info:
+        can_bus = np.asarray(info["can_bus_v1"], dtype=np.float64)
+        if can_bus.shape != (18,) or not np.all(np.isfinite(can_bus)):
+            raise ValueError(f"{where}: can_bus_v1 must be 18 finite numbers, got shape {can_bus.shape}")
+        out["can_bus_v1"] = can_bus
     out["cams"] = {}
     for name in CAMERA_NAMES:
         cam = info["cams"][name]

@@ -156,6 +156,10 @@ def object_parts(category: str, size_wlh, attribute: str, rng: np.random.Generat
             _cuboid(s, full, full, (0.10, 0.52), body, 1),
             _cuboid(s, (-0.49, 0.49), (-0.49, 0.49), (0.52, 0.88), _jitter(_GLASS, rng, 6), 2),
             _cuboid(s, full, full, (0.88, 1.0), body, 3),
+            # The windscreen: glass down to the bumper over the front face only, so front and back look different
+            # (else a bus's heading is learnable only modulo pi). A fixed colour: no draw from rng, so the rest
+            # of the scene comes out as before.
+            _cuboid(s, (0.47, 0.5), full, (0.16, 0.88), _GLASS, 4),
         ]
         return tuple(parts)
     if category == "vehicle.trailer":

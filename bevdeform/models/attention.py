@@ -36,6 +36,8 @@ __all__ = [
     "CameraPairs",
     "find_visible_pairs",
     "align_prev_bev",
+    "official_rotate_bev",
+    "official_reference_shift",
     "is_tracing_or_exporting",
 ]
 
@@ -243,6 +245,95 @@ def align_prev_bev(prev_bev: torch.Tensor, ego_prev2curr: torch.Tensor, bev_h: i
     return aligned.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, C, H*W) -> (B, H*W, C)
 
 
+def _torchvision_rotate_grid(angle_deg: float, height: int, width: int, center_px: Sequence[float],
+                             dtype: torch.dtype, device) -> torch.Tensor:
+    """The sampling grid (1, H, W, 2) of ``torchvision.transforms.functional.rotate(img, angle_deg,
+    center=center_px)`` (expand False) for an (H, W) image, for ``grid_sample(align_corners=False)``.
+
+    torchvision's arithmetic, step for step, so that nearest sampling rounds exactly as it does: the inverse
+    affine matrix in Python doubles for the angle -angle_deg about ``center - size / 2`` (torchvision's centred
+    pixel coordinates), cast to the image dtype; the output pixel centres ``j - W/2 + 0.5``, ``i - H/2 + 0.5`` as
+    linspaces; one bmm with the matrix divided by (W/2, H/2). In pixel indices the result samples, for output pixel
+    p = (j, i), the input at ``R(angle) (p + 0.5 - center) + center - 0.5`` with R the rotation matrix
+    [[cos, -sin], [sin, cos]] (x = column, y = row): `tests/test_compat_model.py` checks that per pixel.
+    """
+    rot = math.radians(-angle_deg)
+    centre_x = float(center_px[0]) - width * 0.5
+    centre_y = float(center_px[1]) - height * 0.5
+    # Inverse of [[cos, -sin], [sin, cos]] at -angle (shear 0, scale 1): rows (cos rot, sin rot), (-sin rot, cos rot)
+    m00, m01 = math.cos(rot), math.sin(rot)
+    m10, m11 = -math.sin(rot), math.cos(rot)
+    m02 = (m00 * -centre_x + m01 * -centre_y) + centre_x
+    m12 = (m10 * -centre_x + m11 * -centre_y) + centre_y
+    theta = torch.tensor([[m00, m01, m02], [m10, m11, m12]], dtype=dtype, device=device)  # (2, 3)
+    base = torch.empty(1, height, width, 3, dtype=dtype, device=device)
+    base[..., 0].copy_(torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device))
+    base[..., 1].copy_(torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height,
+                                      device=device).unsqueeze(-1))
+    base[..., 2].fill_(1.0)
+    # (2, 3) -> (1, 3, 2), columns divided by (W/2, H/2) -> normalised grid units
+    scaled = theta.t()[None] / torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device)
+    return base.view(1, height * width, 3).bmm(scaled).view(1, height, width, 2)  # (1, H*W, 2) -> (1, H, W, 2)
+
+
+def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: int, bev_w: int,
+                        center_px: Sequence[float] = (100.0, 100.0)) -> torch.Tensor:
+    """BEVFormer's temporal alignment of the released checkpoints (transformer.py ``get_bev_features``): each
+    sample's previous BEV, as a (C, bev_h, bev_w) image (row i, column j), rotated by ``angle_deg`` degrees with
+    torchvision's ``rotate`` about pixel ``center_px`` (x = column, y = row; [100, 100] in the official code
+    whatever the grid: the grid centre only for 200 x 200, a point outside a 50 x 50 grid), nearest neighbour,
+    zero outside. No translation: the official code turns the translation into a reference shift
+    (`official_reference_shift`).
+
+    Args:
+        prev_bev: (B, bev_h * bev_w, C). angle_deg: (B,) degrees (the CAN-bus yaw delta, ``can_bus[:, 17]``); read
+            into Python floats, as the official code reads it from the image metas.
+    Returns:
+        (B, bev_h * bev_w, C).
+    """
+    if prev_bev.dim() != 3 or prev_bev.shape[1] != bev_h * bev_w:
+        raise ValueError(f"official_rotate_bev: prev_bev must be (B, bev_h*bev_w={bev_h * bev_w}, C), got "
+                         f"{tuple(prev_bev.shape)}")
+    batch, num_cells, channels = prev_bev.shape
+    if tuple(angle_deg.shape) != (batch,):
+        raise ValueError(f"official_rotate_bev: angle_deg must be (B={batch},) degrees, got {tuple(angle_deg.shape)}")
+    angles = [float(a) for a in angle_deg.detach().double().cpu().tolist()]
+    rotated = []
+    for row, angle in enumerate(angles):
+        grid = _torchvision_rotate_grid(angle, bev_h, bev_w, center_px, prev_bev.dtype, prev_bev.device)
+        # (H*W, C) -> (C, H*W) -> (1, C, H, W): row i along y, column j along x
+        image = prev_bev[row].transpose(0, 1).reshape(1, channels, bev_h, bev_w)
+        out = F.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        rotated.append(out.reshape(channels, num_cells).transpose(0, 1))  # (1, C, H, W) -> (C, H*W) -> (H*W, C)
+    return torch.stack(rotated)
+
+
+def official_reference_shift(can_bus: torch.Tensor, bev_h: int, bev_w: int,
+                             point_cloud_range_m: Sequence[float]) -> torch.Tensor:
+    """BEVFormer's reference-point shift for the previous BEV (transformer.py ``get_bev_features``), (B, 2)
+    normalised BEV (x, y) units, float32.
+
+    From the CAN-bus vector after the detector's delta step: the translation (dx, dy) = can_bus[0:2] (global frame,
+    metres) and the absolute ego yaw psi = can_bus[16] (radians). With L = |(dx, dy)| and
+    a = psi - atan2(dy, dx): shift_x = L sin(a) / real_w, shift_y = L cos(a) / real_h, where the official code
+    names real_h = x_max - x_min and real_w = y_max - y_min (grid_length = (real_h / bev_h, real_w / bev_w)); that
+    naming is kept, it only matters for a non-square range. Computed in float64 (the official numpy), then cast.
+    """
+    if can_bus.dim() != 2 or can_bus.shape[1] != 18:
+        raise ValueError(f"official_reference_shift: can_bus must be (B, 18), got {tuple(can_bus.shape)}")
+    x_min, y_min, _, x_max, y_max, _ = bev_grid.check_point_cloud_range(point_cloud_range_m)
+    real_h, real_w = x_max - x_min, y_max - y_min
+    values = can_bus.detach().to(torch.float64)
+    delta_x, delta_y = values[:, 0], values[:, 1]
+    ego_angle_deg = values[:, 16] / math.pi * 180.0
+    length = torch.sqrt(delta_x ** 2 + delta_y ** 2)
+    translation_angle_deg = torch.atan2(delta_y, delta_x) / math.pi * 180.0
+    bev_angle_rad = (ego_angle_deg - translation_angle_deg) / 180.0 * math.pi
+    shift_y = length * torch.cos(bev_angle_rad) / (real_h / bev_h) / bev_h
+    shift_x = length * torch.sin(bev_angle_rad) / (real_w / bev_w) / bev_w
+    return torch.stack([shift_x, shift_y], dim=-1).to(torch.float32)  # (B, 2) as (x, y)
+
+
 class TemporalSelfAttention(nn.Module):
     """BEVFormer's temporal self-attention over two BEV "queues": the previous BEV (already aligned to the current
     frame by `align_prev_bev`) and the current BEV queries.
@@ -289,12 +380,22 @@ class TemporalSelfAttention(nn.Module):
                                       self.output_proj, self.num_heads, self.num_queues, self.num_points)
 
     def forward(self, query: torch.Tensor, query_pos: torch.Tensor | None, prev_bev_aligned: torch.Tensor | None,
-                has_prev: torch.Tensor | None) -> torch.Tensor:
+                has_prev: torch.Tensor | None, value_current: torch.Tensor | None = None,
+                history_reference_shift: torch.Tensor | None = None,
+                current_reference_shift: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
             query: (B, H*W, C) current BEV queries. query_pos: (B or 1, H*W, C) or None.
             prev_bev_aligned: (B, H*W, C) previous BEV in the current frame (`align_prev_bev`), or None (no row
                 has history).
             has_prev: (B,) bool or None (= all True); rows with False ignore prev_bev_aligned.
+            value_current: (B, H*W, C) or None. None (bevdeform's default): the current queue's value is this
+                layer's ``query``. Given (the bevformer_v1 option ``tsa_value: initial_queries``): rows with a
+                previous BEV use it as the current queue's value instead (BEVFormer builds value =
+                stack(prev_bev, initial BEV queries) once before the layers); rows without keep ``query``.
+            history_reference_shift, current_reference_shift: (B, 2) or None, normalised BEV (x, y) offsets added
+                to the reference points (cell centres) of the history / current queue (BEVFormer's ``shift``,
+                `official_reference_shift`); None adds nothing (bevdeform's default: the history is already
+                warped).
 
         Returns:
             (B, H*W, C), output projection applied, no residual.
@@ -320,8 +421,16 @@ class TemporalSelfAttention(nn.Module):
         query_with_pos = query if query_pos is None else query + query_pos
         heads, points, queues = self.num_heads, self.num_points, self.num_queues
 
+        current = query
+        if value_current is not None:
+            if value_current.shape != query.shape:
+                raise ValueError(f"TemporalSelfAttention: value_current must match query {tuple(query.shape)}, got "
+                                 f"{tuple(value_current.shape)}")
+            if prev_bev_aligned is not None:
+                current = value_current if has_prev is None else torch.where(has_prev[:, None, None], value_current,
+                                                                              query)
         # (B, 2, H*W, C) -> (B*2, H*W, C): the queues folded into the batch, sample-major
-        value = torch.stack([history, query], dim=1).flatten(0, 1)
+        value = torch.stack([history, current], dim=1).flatten(0, 1)
         # (B*2, H*W, C) -> (B*2, H*W, M, D)
         value = self.value_proj(value).view(batch * queues, num_cells, heads, self.head_dims)
         predictor_input = torch.cat([history, query_with_pos], dim=-1)  # (B, H*W, 2C)
@@ -336,8 +445,20 @@ class TemporalSelfAttention(nn.Module):
         # Normalised (u, v) of the cell centres, (H*W, 2), built in the coordinate dtype (exact in float64).
         reference = bev_grid.bev_cell_centres_normalised(self.bev_h, self.bev_w, device=offsets.device,
                                                          dtype=coordinate_dtype)
-        # (H*W, 2) -> (1, H*W, 1, 1, 1, 2); offsets in BEV pixels -> normalised
-        locations = (reference[None, :, None, None, None, :]
+        if history_reference_shift is None and current_reference_shift is None:
+            reference = reference[None]  # (H*W, 2) -> (1, H*W, 2), shared by every row and queue
+        else:
+            zero = reference.new_zeros(batch, 2)
+            shifts = []
+            for shift in (history_reference_shift, current_reference_shift):
+                if shift is not None and tuple(shift.shape) != (batch, 2):
+                    raise ValueError(f"TemporalSelfAttention: reference shifts must be (B={batch}, 2), got "
+                                     f"{tuple(shift.shape)}")
+                shifts.append(zero if shift is None else shift.to(coordinate_dtype))
+            # 2 x (B, 2) -> (B, 2, 2) -> (B*2, 1, 2), queue order as the value's; (1, H*W, 2) + -> (B*2, H*W, 2)
+            reference = reference[None] + torch.stack(shifts, dim=1).reshape(batch * queues, 1, 2)
+        # (1 or B*2, H*W, 2) -> (1 or B*2, H*W, 1, 1, 1, 2); offsets in BEV pixels -> normalised
+        locations = (reference[:, :, None, None, None, :]
                      + offsets.to(coordinate_dtype) / sizes_xy[None, None, None, :, None, :])
         out = _run_msda(value, self.spatial_shapes, self.level_start_index, locations, weights)  # (B*2, H*W, C)
         # (B*2, H*W, C) -> (B, 2, H*W, C) -> mean over the queues -> (B, H*W, C)
@@ -385,7 +506,7 @@ class CameraPairs:
 
 def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, image_hw: torch.Tensor,
                        padded_image_hw: Sequence[int], depth_eps: float = 1e-5,
-                       capacity: int | None = None) -> CameraPairs:
+                       capacity: int | None = None, half_pixel: bool = True) -> CameraPairs:
     """Project the BEV pillars into every camera and list the (query, camera) pairs that see them.
 
     A pillar anchor is seen by a camera when its depth exceeds `depth_eps` and its pixel (u, v) lies inside the
@@ -409,6 +530,11 @@ def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, i
         depth_eps: minimum depth in metres.
         capacity: K, the fixed length of the pair list, in [1, N * Q] (N * Q can never drop a pair); None sizes the
             list to the batch's largest visible count.
+        half_pixel: True (bevdeform's default): pixel centres at integers, reference ``(u + 0.5) / W_pad`` and seen
+            when ``-0.5 < u < W - 0.5``. False (BEVFormer's released code, the bevformer_v1 option
+            ``sca_half_pixel: false``): reference ``u / W_pad`` and seen when ``0 < u / W_pad < W / W_pad`` (and
+            likewise for v), compared on the normalised value as the official ``point_sampling`` does; pass the
+            padded size as `image_hw` for its visibility against the padded image.
     """
     if pillar_points_ego.dim() != 3 or pillar_points_ego.shape[-1] != 3:
         raise ValueError(f"find_visible_pairs: pillar_points_ego must be (Q, Z, 3), got "
@@ -431,12 +557,18 @@ def find_visible_pairs(pillar_points_ego: torch.Tensor, ego2img: torch.Tensor, i
     pixels_uv, depth = geometry.project_points(ego2img.to(dtype), points, eps=depth_eps)  # (B, N, Q*Z, 2), (B, N, Q*Z)
     image_hw = image_hw.to(dtype)
     image_w, image_h = image_hw[..., 1, None], image_hw[..., 0, None]  # (B, N, 1) each
-    seen = ((depth > depth_eps)
-            & (pixels_uv[..., 0] > -0.5) & (pixels_uv[..., 0] < image_w - 0.5)
-            & (pixels_uv[..., 1] > -0.5) & (pixels_uv[..., 1] < image_h - 0.5))  # (B, N, Q*Z)
-    visible = seen.view(batch, num_cameras, num_queries, num_anchors).any(dim=-1)  # (B, N, Q)
     padded_size = pixels_uv.new_tensor([padded_w, padded_h])
-    reference_cam = (pixels_uv + 0.5) / padded_size  # (B, N, Q*Z, 2) normalised (x, y) of the padded image
+    if half_pixel:
+        seen = ((depth > depth_eps)
+                & (pixels_uv[..., 0] > -0.5) & (pixels_uv[..., 0] < image_w - 0.5)
+                & (pixels_uv[..., 1] > -0.5) & (pixels_uv[..., 1] < image_h - 0.5))  # (B, N, Q*Z)
+        reference_cam = (pixels_uv + 0.5) / padded_size  # (B, N, Q*Z, 2) normalised (x, y) of the padded image
+    else:
+        reference_cam = pixels_uv / padded_size  # (B, N, Q*Z, 2)
+        seen = ((depth > depth_eps)
+                & (reference_cam[..., 0] > 0.0) & (reference_cam[..., 0] < image_w / padded_w)
+                & (reference_cam[..., 1] > 0.0) & (reference_cam[..., 1] < image_h / padded_h))  # (B, N, Q*Z)
+    visible = seen.view(batch, num_cameras, num_queries, num_anchors).any(dim=-1)  # (B, N, Q)
     # (B, N, Q*Z, 2) -> (B, N*Q, Z, 2): flat pair index = camera * Q + query
     reference_cam = reference_cam.view(batch, total, num_anchors, 2)
     visible_flat = visible.flatten(1)  # (B, N, Q) -> (B, N*Q)

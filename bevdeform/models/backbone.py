@@ -11,6 +11,14 @@ Architecture facts followed (ResNet v1.5, torchvision's and mmdet's ``style='pyt
 - the first block of a stage gets a ``downsample`` branch (1x1 conv with the stage stride + BN) whenever the
   stride or the channel count changes; all convs are bias-free.
 
+Two named options give mmdet's ResNet-101-DCN of BEVFormer small/base (``style='caffe'``,
+``dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False)``, ``stage_with_dcn=(False, False, True, True)``):
+- ``style='caffe'``: a Bottleneck's stride sits on its first 1x1 conv instead of the 3x3 one (the same parameters
+  and keys, a different function);
+- ``dcn_stages``: the 3x3 conv of every Bottleneck of those stages is a ``bevdeform.dcn.ModulatedDeformConv2d``
+  (bias-free, one deform group, offsets initialised to zero), keyed like mmcv's ``ModulatedDeformConv2dPack``:
+  ``layer3.0.conv2.weight``, ``layer3.0.conv2.conv_offset.weight``, ``layer3.0.conv2.conv_offset.bias``.
+
 Frozen batch norm: the layers are ordinary ``nn.BatchNorm2d`` (so the state dict keeps ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` exactly as torchvision writes them). With ``norm_eval=True`` they
 are kept in eval mode by :meth:`ResNet.train` and their affine parameters get ``requires_grad=False``; this is
@@ -25,7 +33,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "RESNET_STAGE_BLOCKS"]
+from bevdeform.dcn import ModulatedDeformConv2d
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "RESNET_STAGE_BLOCKS", "RESNET_STYLES"]
 
 # Blocks per stage (layer1..layer4) for each supported depth, as published with the ResNet paper.
 RESNET_STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -34,6 +44,8 @@ RESNET_STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
 }
+
+RESNET_STYLES = ("pytorch", "caffe")  # where a Bottleneck's stride sits: the 3x3 conv / the first 1x1 conv
 
 # Base width of each stage; a stage outputs width * block expansion channels.
 _STAGE_WIDTHS = (64, 128, 256, 512)
@@ -61,9 +73,13 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 style: str = "pytorch", with_dcn: bool = False):
         super().__init__()
-        # Attribute names are torchvision's: they become the state-dict keys.
+        if with_dcn:  # mmdet's BasicBlock has no DCN either
+            raise ValueError("BasicBlock: with_dcn=True is not supported (DCN is for Bottleneck depths 50/101)")
+        # Attribute names are torchvision's: they become the state-dict keys. `style` does not matter here: the
+        # stride sits on the first 3x3 conv in both (as mmdet's BasicBlock).
         self.conv1 = _conv3x3(in_channels, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = _conv3x3(width, width)
@@ -84,19 +100,31 @@ class Bottleneck(nn.Module):
     Args:
         in_channels: channels of the block input.
         width: channels of the 1x1 and 3x3 convs; the block outputs ``width * 4`` channels.
-        stride: stride of the 3x3 conv (and of the shortcut projection).
+        stride: stride of the 3x3 conv (``style='pytorch'``) or of the first 1x1 conv (``style='caffe'``), and of
+            the shortcut projection.
         downsample: shortcut projection, ``None`` for the identity.
+        style: ``'pytorch'`` or ``'caffe'`` (see the module docstring).
+        with_dcn: the 3x3 conv is a modulated deformable conv (``ModulatedDeformConv2d``, bias-free).
 
     Shapes: (N, in_channels, H, W) -> (N, 4 * width, ceil(H / stride), ceil(W / stride)).
     """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 style: str = "pytorch", with_dcn: bool = False):
         super().__init__()
-        self.conv1 = _conv1x1(in_channels, width)
+        if style not in RESNET_STYLES:
+            raise ValueError(f"Bottleneck: style={style!r}, expected one of {RESNET_STYLES}")
+        conv1_stride, conv2_stride = (stride, 1) if style == "caffe" else (1, stride)
+        self.conv1 = _conv1x1(in_channels, width, conv1_stride)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride)
+        if with_dcn:
+            # mmdet builds it with bias=False and padding = dilation = 1; its keys are conv2.weight and
+            # conv2.conv_offset.{weight,bias}.
+            self.conv2 = ModulatedDeformConv2d(width, width, 3, stride=conv2_stride, padding=1, bias=False)
+        else:
+            self.conv2 = _conv3x3(width, width, conv2_stride)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv1x1(width, width * self.expansion)
         self.bn3 = nn.BatchNorm2d(width * self.expansion)
@@ -153,8 +181,13 @@ class ResNet(nn.Module):
             never updated) and its weight/bias get ``requires_grad=False``.
         with_checkpoint: recompute each residual block in backward (``torch.utils.checkpoint``) to save
             activation memory; only active in training mode with grad enabled.
-        pretrained_path: optional local torchvision-style ``.pth`` state dict, loaded by :meth:`load_pretrained`
-            after initialisation.
+        pretrained_path: optional local ``.pth`` file, loaded by :meth:`load_pretrained` after initialisation: a
+            torchvision-style ResNet state dict, or an mmdet/mmcv checkpoint whose backbone keys carry the
+            ``backbone.`` prefix (e.g. FCOS3D's ``r101_dcn_fcos3d_pretrain.pth`` for the DCN models).
+        style: ``'pytorch'`` (torchvision, default) or ``'caffe'`` (stride on the first 1x1 conv of a Bottleneck,
+            mmdet's caffe style, which the FCOS3D-pretrained ResNet-101-DCN uses).
+        dcn_stages: four booleans, one per stage (layer1..layer4): the 3x3 convs of those stages' Bottlenecks are
+            modulated deformable convs (DCNv2), e.g. ``(False, False, True, True)`` for BEVFormer small/base.
 
     Attributes:
         out_channels: channels of each returned map, in ``out_indices`` order: ``64 * 2**i * expansion``
@@ -172,10 +205,22 @@ class ResNet(nn.Module):
         norm_eval: bool = True,
         with_checkpoint: bool = False,
         pretrained_path: str | None = None,
+        style: str = "pytorch",
+        dcn_stages: tuple[bool, bool, bool, bool] = (False, False, False, False),
     ):
         super().__init__()
         if depth not in RESNET_STAGE_BLOCKS:
             raise ValueError(f"ResNet: depth={depth!r}, expected one of {sorted(RESNET_STAGE_BLOCKS)}")
+        if style not in RESNET_STYLES:
+            raise ValueError(f"ResNet: style={style!r}, expected one of {RESNET_STYLES}")
+        dcn_stages = tuple(dcn_stages)
+        if len(dcn_stages) != 4 or not all(isinstance(flag, bool) for flag in dcn_stages):
+            raise ValueError(
+                f"ResNet: dcn_stages={dcn_stages!r}, expected four booleans (layer1..layer4), e.g. "
+                f"(False, False, True, True)"
+            )
+        if any(dcn_stages) and depth in (18, 34):
+            raise ValueError(f"ResNet: dcn_stages={dcn_stages!r} needs a Bottleneck depth (50 or 101), got {depth}")
         out_indices = tuple(int(i) for i in out_indices)
         if (
             not out_indices
@@ -195,6 +240,8 @@ class ResNet(nn.Module):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_checkpoint = with_checkpoint
+        self.style = style
+        self.dcn_stages = dcn_stages
 
         block = BasicBlock if depth in (18, 34) else Bottleneck
         # Stem; names are torchvision's state-dict keys.
@@ -207,7 +254,8 @@ class ResNet(nn.Module):
         stage_channels = []
         for stage, (num_blocks, width) in enumerate(zip(RESNET_STAGE_BLOCKS[depth], _STAGE_WIDTHS)):
             stride = 1 if stage == 0 else 2  # layer1 follows the max-pool, which already halved the size
-            layer, in_channels = self._make_stage(block, in_channels, width, num_blocks, stride)
+            layer, in_channels = self._make_stage(block, in_channels, width, num_blocks, stride, style,
+                                                  dcn_stages[stage])
             self.add_module(f"layer{stage + 1}", layer)
             stage_channels.append(in_channels)
 
@@ -221,20 +269,25 @@ class ResNet(nn.Module):
 
     @staticmethod
     def _make_stage(
-        block: type[BasicBlock] | type[Bottleneck], in_channels: int, width: int, num_blocks: int, stride: int
+        block: type[BasicBlock] | type[Bottleneck], in_channels: int, width: int, num_blocks: int, stride: int,
+        style: str = "pytorch", with_dcn: bool = False,
     ) -> tuple[nn.Sequential, int]:
         out_channels = width * block.expansion
         downsample = None
         if stride != 1 or in_channels != out_channels:
             # Index 0 = conv, 1 = BN: torchvision's `downsample.0.weight`, `downsample.1.*` keys.
             downsample = nn.Sequential(_conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
-        blocks = [block(in_channels, width, stride, downsample)]
-        blocks += [block(out_channels, width) for _ in range(1, num_blocks)]
+        blocks = [block(in_channels, width, stride, downsample, style=style, with_dcn=with_dcn)]
+        blocks += [block(out_channels, width, style=style, with_dcn=with_dcn) for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks), out_channels
 
     def _init_weights(self) -> None:
+        offset_convs = {id(m.conv_offset) for m in self.modules() if isinstance(m, ModulatedDeformConv2d)}
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, ModulatedDeformConv2d):
+                # Like the plain 3x3 conv it replaces; its offset conv stays at zero (mmdet's init of DCN ResNets).
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Conv2d) and id(m) not in offset_convs:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -269,12 +322,18 @@ class ResNet(nn.Module):
         return self
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a torchvision-style ResNet state dict from a local file (e.g. ``resnet50-0676ba61.pth``).
+        """Load ResNet weights from a local file: a torchvision state dict or an mmdet/mmcv backbone checkpoint.
 
-        ``fc.*`` keys (the ImageNet classifier) are ignored. ``num_batches_tracked`` buffers absent from old
-        checkpoints (saved before PyTorch 0.4.1) are kept at their current value: they only matter for BN with
-        ``momentum=None``. Any other missing, unexpected or mis-shaped key raises ``ValueError`` naming the file
-        and the keys; nothing is loaded in that case.
+        Accepted layouts: a flat ``{name: tensor}`` dict with torchvision names (e.g. ``resnet50-0676ba61.pth``;
+        ``fc.*``, the ImageNet classifier, is ignored), or an mmcv checkpoint ``{'state_dict': {...}, 'meta': ...}``
+        / a flat dict whose backbone keys start with ``backbone.`` (e.g. FCOS3D's ``r101_dcn_fcos3d_pretrain.pth``):
+        then only the ``backbone.*`` keys are used, with the prefix stripped, and the detector's other parts
+        (``neck.*``, ``bbox_head.*``) are ignored. mmdet's ResNet names are torchvision's, and its DCN convs'
+        (``conv2.conv_offset.*``) are this module's.
+
+        ``num_batches_tracked`` buffers absent from old checkpoints (saved before PyTorch 0.4.1) are kept at their
+        current value: they only matter for BN with ``momentum=None``. Any other missing, unexpected or mis-shaped
+        key raises ``ValueError`` naming the file and every such key; nothing is loaded in that case.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -283,12 +342,20 @@ class ResNet(nn.Module):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt or pickled-object file: say which file
             raise ValueError(f"ResNet.load_pretrained: cannot read {path!r} as a tensor state dict: {exc}") from exc
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]  # mmcv's checkpoint layout: {'meta': ..., 'state_dict': ..., ...}
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ValueError(
-                f"ResNet.load_pretrained: {path!r} holds a {type(loaded).__name__}, expected a flat "
-                f"torchvision-style state dict {{name: tensor}}"
+                f"ResNet.load_pretrained: {path!r} holds a {type(loaded).__name__}, expected a flat state dict "
+                f"{{name: tensor}} (torchvision) or an mmcv checkpoint with a 'state_dict' of tensors"
             )
-        source = {k: v for k, v in loaded.items() if not k.startswith("fc.")}
+        prefix = "backbone."
+        if any(k.startswith(prefix) for k in loaded):
+            source = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+            naming = "mmdet backbone key names after stripping 'backbone.'"
+        else:
+            source = {k: v for k, v in loaded.items() if not k.startswith("fc.")}
+            naming = "torchvision key names"
         target = self.state_dict()
         missing = [k for k in target if k not in source and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in source if k not in target]
@@ -301,11 +368,14 @@ class ResNet(nn.Module):
             problems = []
             for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
                 if items:
-                    shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
-                    problems.append(f"{title} keys: {shown}")
+                    count = f" ({len(items)} in all)" if len(items) > 10 else ""
+                    problems.append(f"{title} keys: {', '.join(items)}{count}")
+            variant = f"ResNet-{self.depth}" + (f" style={self.style}" if self.style != "pytorch" else "")
+            if any(self.dcn_stages):
+                variant += f" dcn_stages={list(self.dcn_stages)}"
             raise ValueError(
-                f"ResNet.load_pretrained: {path!r} does not match ResNet-{self.depth} "
-                f"(torchvision key names expected); " + "; ".join(problems)
+                f"ResNet.load_pretrained: {path!r} does not match {variant} ({naming} expected); "
+                + "; ".join(problems)
             )
         for k, v in target.items():  # old checkpoints without num_batches_tracked keep the model's counter
             source.setdefault(k, v)

@@ -25,6 +25,8 @@ __all__ = [
     "bev_normalised_to_xy",
     "pillar_heights_m",
     "pillar_reference_points",
+    "official_pillar_heights_m",
+    "PILLAR_HEIGHT_MODES",
 ]
 
 
@@ -92,12 +94,34 @@ def pillar_heights_m(num_points_in_pillar: int, point_cloud_range_m: Sequence[fl
     return z_min + fractions * (z_max - z_min)
 
 
+PILLAR_HEIGHT_MODES = ("slab_centres", "official_linspace")
+
+
+def official_pillar_heights_m(num_points_in_pillar: int, point_cloud_range_m: Sequence[float], device=None,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """BEVFormer's released anchors (encoder.py ``get_reference_points(dim='3d')``), (Z,) metres:
+    ``z_min + linspace(0.5, D - 0.5, Z) / D * D`` with D = z_max - z_min in METRES (not the anchor count): Z heights
+    from half a metre above the bottom to half a metre below the top, evenly spaced. For the official lidar range
+    (-5, 3) and Z = 4: -4.5, -2.1667, 0.1667, 2.5 m (slab centres would be -4, -2, 0, 2)."""
+    if int(num_points_in_pillar) <= 0:
+        raise ValueError(f"num_points_in_pillar must be positive, got {num_points_in_pillar}")
+    _, _, z_min, _, _, z_max = check_point_cloud_range(point_cloud_range_m)
+    depth_m = z_max - z_min
+    fractions = torch.linspace(0.5, depth_m - 0.5, int(num_points_in_pillar), device=device, dtype=dtype) / depth_m
+    return z_min + fractions * depth_m
+
+
 def pillar_reference_points(bev_h: int, bev_w: int, point_cloud_range_m: Sequence[float], num_points_in_pillar: int,
-                            device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            device=None, dtype: torch.dtype = torch.float32,
+                            heights: str = "slab_centres") -> torch.Tensor:
     """3D anchors of every BEV pillar, (bev_h * bev_w, Z, 3), metres, ego frame: each cell centre's (x, y) at the
-    Z heights of `pillar_heights_m`, lowest first."""
+    Z heights of `pillar_heights_m` (``heights='slab_centres'``, the default) or `official_pillar_heights_m`
+    (``'official_linspace'``, the bevformer_v1 compatibility path), lowest first."""
+    if heights not in PILLAR_HEIGHT_MODES:
+        raise ValueError(f"pillar_reference_points: heights={heights!r}, expected one of {PILLAR_HEIGHT_MODES}")
     xy = bev_cell_centres_xy(bev_h, bev_w, point_cloud_range_m, device=device, dtype=dtype)  # (Q, 2)
-    z = pillar_heights_m(num_points_in_pillar, point_cloud_range_m, device=device, dtype=dtype)  # (Z,)
+    height_fn = pillar_heights_m if heights == "slab_centres" else official_pillar_heights_m
+    z = height_fn(num_points_in_pillar, point_cloud_range_m, device=device, dtype=dtype)  # (Z,)
     num_cells, num_heights = xy.shape[0], z.shape[0]
     xy = xy[:, None, :].expand(num_cells, num_heights, 2)  # (Q, 2) -> (Q, Z, 2)
     z = z[None, :, None].expand(num_cells, num_heights, 1)  # (Z,) -> (Q, Z, 1)

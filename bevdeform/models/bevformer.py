@@ -82,6 +82,9 @@ class BEVFormer(nn.Module):
         bev_heatmap_head: optional training-only auxiliary head on the current frame's BEV
             (``bev_heatmap.BEVHeatmapHead``): its ``loss(bev, gt_boxes, gt_labels)`` joins the losses as
             ``loss_bev_heatmap``. Inference never runs it.
+        input_frame: 'ego' (default) or 'lidar': which camera matrices and ego-motion input the batch paths
+            (:meth:`forward_train`, :meth:`predict`, :class:`StreamingBEVFormer`) feed to :meth:`forward_frame`
+            (docs/model.md "BEVFormer compatibility").
 
     ``forward(batch)`` is ``forward_train(batch)`` (so a DDP wrapper sees the training pass); inference is
     :meth:`predict` or :class:`StreamingBEVFormer`, in eval mode.
@@ -99,8 +102,15 @@ class BEVFormer(nn.Module):
         max_detections: int = 300,
         post_center_range_m: Sequence[float] | None = DEFAULT_POST_CENTER_RANGE_M,
         bev_heatmap_head: nn.Module | None = None,
+        input_frame: str = "ego",
     ):
         super().__init__()
+        if input_frame not in ("ego", "lidar"):
+            raise ValueError(f"BEVFormer: input_frame={input_frame!r}, expected 'ego' or 'lidar'")
+        # "ego": the batch's ego2img and ego_prev2curr (bevdeform). "lidar" (the bevformer_v1 compatibility path):
+        # the batch's lidar2img (B, T, N, 4, 4) and BEVFormer's CAN-bus vector, made from can_bus_abs_history and
+        # can_bus_abs by the official delta step; the BEV and the boxes are then in the LIDAR_TOP frame.
+        self.input_frame = input_frame
         if num_cameras < 1:
             raise ValueError(f"BEVFormer: num_cameras={num_cameras}, expected >= 1")
         if max_detections < 1:
@@ -198,6 +208,7 @@ class BEVFormer(nn.Module):
         has_prev: torch.Tensor,
         run_decoder: bool = True,
         sca_pair_capacity: int | None = None,
+        can_bus: torch.Tensor | None = None,
     ) -> DetectorOutput:
         """One frame through the network (gradients as the caller's grad mode says).
 
@@ -215,6 +226,9 @@ class BEVFormer(nn.Module):
                 static shapes torch.export and ONNX need, with the same result while every visible pair fits
                 (``attention.find_visible_pairs``: a ValueError in eager mode when they do not; pairs dropped when
                 tracing or exporting, and ``num_visible_pairs`` > K says so).
+            can_bus: (B, 18) BEVFormer's CAN-bus vector after the detector's delta step, for an encoder built with
+                the bevformer_v1 options that read it (``encoder.needs_can_bus``); None otherwise. Rows without a
+                previous BEV get its deltas ([0:3] and [17]) zeroed, as the official detector does at a scene start.
         Returns:
             :class:`DetectorOutput`.
 
@@ -229,11 +243,21 @@ class BEVFormer(nn.Module):
             has_prev = torch.zeros_like(has_prev)
         identity = torch.eye(4, dtype=ego_prev2curr.dtype, device=ego_prev2curr.device)
         ego_prev2curr = torch.where(has_prev[:, None, None], ego_prev2curr, identity)  # (B, 4, 4)
+        encoder_kwargs = {}
+        if can_bus is not None:
+            _check_shape("can_bus", can_bus, (images.shape[0], 18), f"(B={images.shape[0]}, 18) CAN-bus vectors")
+            delta_dims = torch.zeros(18, dtype=torch.bool, device=can_bus.device)
+            delta_dims[0:3] = True
+            delta_dims[17] = True
+            # (B, 1) & (18,) -> (B, 18): the deltas of rows without a previous BEV are zeroed
+            scene_start = (~has_prev)[:, None].to(can_bus.device) & delta_dims
+            encoder_kwargs["can_bus"] = torch.where(scene_start, torch.zeros_like(can_bus), can_bus)
         feats = self.extract_features(images)
         # The padded size is the images' own: no need for the encoder to infer it from the feature size.
         padded_image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         pairs = self.encoder.visible_pairs(ego2img, image_hw, padded_image_hw, capacity=sca_pair_capacity)
-        bev = self.encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_image_hw, pairs=pairs)
+        bev = self.encoder(feats, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev, padded_image_hw, pairs=pairs,
+                           **encoder_kwargs)
         if not run_decoder:
             return DetectorOutput(bev=bev, all_cls_logits=None, all_box_codes=None, num_visible_pairs=pairs.num_pairs)
         all_cls_logits, all_box_codes = self.decoder(bev)
@@ -256,9 +280,14 @@ class BEVFormer(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def check_batch(self, batch: Mapping[str, Any], with_targets: bool) -> None:
         """Shape checks of a collated batch; ValueError naming the key and the expected shape."""
-        for key in ("images", "ego2img", "image_hw", "ego_prev2curr", "has_prev"):
+        keys = ("images", "ego2img", "image_hw", "ego_prev2curr", "has_prev")
+        if self.input_frame == "lidar":
+            keys += ("lidar2img", "can_bus_abs", "can_bus_abs_history")
+        for key in keys:
             if key not in batch:
-                raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)}); see docs/data-format.md")
+                hint = (" (the bevformer_v1 model needs data.bevformer_v1_inputs: true)"
+                        if key in ("lidar2img", "can_bus_abs", "can_bus_abs_history") else "")
+                raise ValueError(f"batch has no {key!r}{hint} (keys: {sorted(batch)}); see docs/data-format.md")
         images = batch["images"]
         n = self.num_cameras
         _check_shape("batch['images']", images, (None, None, None, 3, None, None), f"(B, T, N={n}, 3, H, W)")
@@ -274,8 +303,14 @@ class BEVFormer(nn.Module):
         _check_shape("batch['image_hw']", batch["image_hw"], (batch_size, frames, n, 2), f"({bt}, N={n}, 2)")
         _check_shape("batch['ego_prev2curr']", batch["ego_prev2curr"], (batch_size, frames, 4, 4), f"({bt}, 4, 4)")
         _check_shape("batch['has_prev']", batch["has_prev"], (batch_size, frames), f"({bt})")
+        if self.input_frame == "lidar":
+            _check_shape("batch['lidar2img']", batch["lidar2img"], (batch_size, frames, n, 4, 4),
+                         f"({bt}, N={n}, 4, 4)")
+            _check_shape("batch['can_bus_abs']", batch["can_bus_abs"], (batch_size, 18), f"(B={batch_size}, 18)")
+            _check_shape("batch['can_bus_abs_history']", batch["can_bus_abs_history"], (batch_size, frames - 1, 18),
+                         f"(B={batch_size}, T-1={frames - 1}, 18)")
         if with_targets:
-            for key in ("gt_boxes", "gt_labels"):
+            for key in ("gt_boxes", "gt_labels") + (("gt_boxes_lidar",) if self.input_frame == "lidar" else ()):
                 value = batch.get(key)
                 if not isinstance(value, (list, tuple)) or len(value) != batch_size:
                     raise ValueError(
@@ -284,14 +319,32 @@ class BEVFormer(nn.Module):
                     )
 
     def _frame(self, batch: Mapping[str, Any], t: int) -> tuple[torch.Tensor, ...]:
-        """Frame ``t`` of the queue: images (B, N, 3, H, W), ego2img, image_hw, ego_prev2curr, has_prev."""
+        """Frame ``t`` of the queue: images (B, N, 3, H, W), ego2img, image_hw, ego_prev2curr, has_prev (the
+        'ego' frame). With ``input_frame='lidar'`` the camera matrices are ``lidar2img`` of that frame."""
+        cameras = batch["lidar2img"] if self.input_frame == "lidar" else batch["ego2img"]
         return (
             batch["images"][:, t],
-            batch["ego2img"][:, t],
+            cameras[:, t],
             batch["image_hw"][:, t],
             batch["ego_prev2curr"][:, t],
             batch["has_prev"][:, t].bool(),
         )
+
+    def _frame_can_bus(self, batch: Mapping[str, Any], t: int) -> dict[str, torch.Tensor]:
+        """``{'can_bus': (B, 18)}`` for frame ``t`` of the queue ('lidar' frame; empty for 'ego'): the official
+        detector's delta step (``bevdeform.compat.can_bus.official_can_bus_delta_masked``) between frame t and the
+        frame before it in the queue, zeroed where ``has_prev`` is False, computed in float64."""
+        if self.input_frame != "lidar":
+            return {}
+        from bevdeform.compat.can_bus import official_can_bus_delta_masked
+
+        frames = batch["images"].shape[1]
+        # (B, T-1, 18) history + (B, 18) current -> (B, T, 18), absolute values
+        absolute = torch.cat([batch["can_bus_abs_history"], batch["can_bus_abs"][:, None]], dim=1).double()
+        t = t % frames
+        previous = absolute[:, t - 1] if t > 0 else absolute[:, t]
+        has_prev = batch["has_prev"][:, t].bool() if t > 0 else torch.zeros_like(batch["has_prev"][:, t].bool())
+        return {"can_bus": official_can_bus_delta_masked(absolute[:, t], previous, has_prev)}
 
     def history_bev(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """The BEV of the frame before the current one, built recurrently over the queue's history frames.
@@ -321,7 +374,8 @@ class BEVFormer(nn.Module):
                 for t in range(start, frames - 1):
                     images, ego2img, image_hw, ego_prev2curr, frame_has_prev = self._frame(batch, t)
                     out = self.forward_frame(
-                        images, ego2img, image_hw, prev_bev, ego_prev2curr, frame_has_prev, run_decoder=False
+                        images, ego2img, image_hw, prev_bev, ego_prev2curr, frame_has_prev, run_decoder=False,
+                        **self._frame_can_bus(batch, t)
                     )
                     prev_bev = out.bev
         finally:
@@ -340,10 +394,14 @@ class BEVFormer(nn.Module):
         self.check_batch(batch, with_targets=True)
         prev_bev = self.history_bev(batch)
         images, ego2img, image_hw, ego_prev2curr, has_prev = self._frame(batch, -1)
-        out = self.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
-        losses = self.loss(out.all_cls_logits, out.all_box_codes, batch["gt_boxes"], batch["gt_labels"])
+        out = self.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev,
+                                 **self._frame_can_bus(batch, -1))
+        # The targets live in the frame the model predicts in: a lidar-frame model (input_frame 'lidar', BEVFormer's
+        # published checkpoints) learns from the same boxes in the keyframe LIDAR_TOP frame.
+        gt_boxes = batch["gt_boxes_lidar"] if self.input_frame == "lidar" else batch["gt_boxes"]
+        losses = self.loss(out.all_cls_logits, out.all_box_codes, gt_boxes, batch["gt_labels"])
         if self.bev_heatmap_head is not None:
-            losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, batch["gt_boxes"], batch["gt_labels"])
+            losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, gt_boxes, batch["gt_labels"])
             losses["loss"] = losses["loss"] + losses["loss_bev_heatmap"]
         return losses
 
@@ -365,7 +423,8 @@ class BEVFormer(nn.Module):
         self.check_batch(batch, with_targets=False)
         prev_bev = self.history_bev(batch)
         images, ego2img, image_hw, ego_prev2curr, has_prev = self._frame(batch, -1)
-        out = self.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev)
+        out = self.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev,
+                                 **self._frame_can_bus(batch, -1))
         return self.decode(out.all_cls_logits, out.all_box_codes)
 
 
@@ -390,10 +449,13 @@ class StreamingBEVFormer:
         self.model = model.eval()
         self.max_cached_scenes = int(max_cached_scenes)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # scene token -> (bev_h * bev_w, C)
+        # scene token -> (18,) absolute CAN-bus vector of the cached frame (input_frame 'lidar' only)
+        self._can_bus_cache: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
         """Forget every cached BEV (the next frame of any scene starts cold)."""
         self._cache.clear()
+        self._can_bus_cache.clear()
 
     def cached_bev(self, scene_token: str) -> torch.Tensor | None:
         """The cached BEV (bev_h * bev_w, C) of the last frame stepped in this scene, or None."""
@@ -413,6 +475,7 @@ class StreamingBEVFormer:
         ego_prev2curr: torch.Tensor,
         has_prev: torch.Tensor,
         scene_tokens: Sequence[str],
+        can_bus_abs: torch.Tensor | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Detect in one frame per row and update the cache.
 
@@ -421,6 +484,9 @@ class StreamingBEVFormer:
             ego2img: (B, N, 4, 4); image_hw: (B, N, 2); ego_prev2curr: (B, 4, 4) motion from the scene's previous
                 frame; has_prev: (B,) bool, False at a scene start (resets that scene's cache entry).
             scene_tokens: B strings.
+            can_bus_abs: (B, 18) BEVFormer's absolute CAN-bus vectors, required by a model with
+                ``input_frame='lidar'`` (then ``ego2img`` holds lidar2img): the official delta step is taken against
+                the vector cached with the scene's previous BEV, as the official detector's ``prev_frame_info``.
         Returns:
             B dicts as :meth:`BEVFormer.predict` (boxes in each row's current ego frame).
         """
@@ -434,6 +500,8 @@ class StreamingBEVFormer:
                 f"scene_tokens must be a list of B={batch_size} strings (one per row of images), got {scene_tokens!r}"
             )
         has_prev = has_prev.bool()
+        if model.input_frame == "lidar":
+            _check_shape("can_bus_abs", can_bus_abs, (batch_size, 18), f"(B={batch_size}, 18) absolute CAN-bus vectors")
 
         # Waves: the k-th occurrence of every scene token in the call, so a wave holds each scene at most once and
         # each wave can read the BEV the previous wave left in the cache.
@@ -462,14 +530,26 @@ class StreamingBEVFormer:
                 index = torch.tensor(rows, dtype=torch.int64, device=images.device)
                 inputs = tuple(x.index_select(0, index) for x in inputs)
             wave_images, wave_ego2img, wave_image_hw, wave_ego_prev2curr = inputs
+            extra = {}
+            if model.input_frame == "lidar":
+                from bevdeform.compat.can_bus import official_can_bus_delta_masked
+
+                current = can_bus_abs[rows].double()  # (W, 18)
+                previous = torch.stack([self._can_bus_cache.get(t, current[i]) if cached[i] is not None else current[i]
+                                        for i, t in enumerate(tokens)])
+                extra["can_bus"] = official_can_bus_delta_masked(current, previous, use_prev)
             # A cache miss with has_prev True (new token, evicted scene) starts cold: forward_frame treats a row
             # without a previous BEV as a scene start.
-            out = model.forward_frame(wave_images, wave_ego2img, wave_image_hw, prev_bev, wave_ego_prev2curr, use_prev)
+            out = model.forward_frame(wave_images, wave_ego2img, wave_image_hw, prev_bev, wave_ego_prev2curr, use_prev,
+                                      **extra)
             for position, (row, token) in enumerate(zip(rows, tokens)):
                 self._cache[token] = out.bev[position]
                 self._cache.move_to_end(token)
+                if model.input_frame == "lidar":
+                    self._can_bus_cache[token] = can_bus_abs[row].double()
             while len(self._cache) > self.max_cached_scenes:
-                self._cache.popitem(last=False)
+                evicted, _ = self._cache.popitem(last=False)
+                self._can_bus_cache.pop(evicted, None)
             for position, detections in enumerate(model.decode(out.all_cls_logits, out.all_box_codes)):
                 results[rows[position]] = detections
         return results  # type: ignore[return-value]
@@ -477,20 +557,24 @@ class StreamingBEVFormer:
     def step_batch(self, batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """:meth:`step` on the current (last) frame of a collated batch (docs/data-format.md); earlier frames of a
         queue are ignored: the cache stands in for them."""
-        for key in ("images", "ego2img", "image_hw", "ego_prev2curr", "has_prev", "scene_token"):
+        lidar = self.model.input_frame == "lidar"
+        keys = ("images", "ego2img", "image_hw", "ego_prev2curr", "has_prev", "scene_token")
+        for key in keys + (("lidar2img", "can_bus_abs") if lidar else ()):
             if key not in batch:
                 raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)}); see docs/data-format.md")
         if batch["images"].dim() != 6:
             raise ValueError(
                 f"batch['images'] has shape {tuple(batch['images'].shape)}, expected (B, T, N, 3, H, W)"
             )
+        cameras = batch["lidar2img"] if lidar else batch["ego2img"]
         return self.step(
             batch["images"][:, -1],
-            batch["ego2img"][:, -1],
+            cameras[:, -1],
             batch["image_hw"][:, -1],
             batch["ego_prev2curr"][:, -1],
             batch["has_prev"][:, -1],
             batch["scene_token"],
+            can_bus_abs=batch["can_bus_abs"] if lidar else None,
         )
 
 
