@@ -49,7 +49,6 @@ parser rather than a plugin to write.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -312,10 +311,7 @@ def _register_python_side() -> None:
 
 
 def _requested_impl() -> str:
-    impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
-    if impl not in _IMPLS:
-        raise ValueError(f"{IMPL_ENV}={impl!r}: expected one of {', '.join(_IMPLS)}")
-    return impl
+    return msda._requested_impl(IMPL_ENV)
 
 
 def _served(device_type: str, dtype: torch.dtype) -> bool:

@@ -369,10 +369,12 @@ def _register_python_side() -> None:
     _python_side_registered = True
 
 
-def _requested_impl() -> str:
-    impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+def _requested_impl(env: str = IMPL_ENV) -> str:
+    """The path the environment variable ``env`` asks for (BEVDEFORM_MSDA_IMPL, BEVDEFORM_DCN_IMPL): auto,
+    reference or native."""
+    impl = os.environ.get(env, "auto").strip().lower() or "auto"
     if impl not in _IMPLS:
-        raise ValueError(f"{IMPL_ENV}={impl!r}: expected one of {', '.join(_IMPLS)}")
+        raise ValueError(f"{env}={impl!r}: expected one of {', '.join(_IMPLS)}")
     return impl
 
 

@@ -743,6 +743,20 @@ def build_datamodule(cfg: Config, source: DataSource, seed: int, pin_memory: boo
         bevformer_v1_inputs=d.bevformer_v1_inputs, image_pipeline=d.image_pipeline)
 
 
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: dict[str, Any], what: str) -> None:
+    """The weights of a checkpoint read by :func:`read_checkpoint` into ``model``: a Lightning checkpoint (keys
+    ``model.*`` under ``state_dict``), a converted one (``state_dict`` without prefix) or a bare state dict.
+    Mismatched keys are a RunError starting with ``what`` (the argument that named the file)."""
+    from bevdeform.models.bevformer import load_model_weights
+
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = "model." if any(str(k).startswith("model.") for k in state) else ""
+    try:
+        load_model_weights(model, state, key_prefix=prefix)
+    except ValueError as error:
+        raise RunError(f"{what}: {error}") from None
+
+
 def apply_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
     """``train.channels_last``: the backbone's and the neck's parameters in channels-last memory format (their
     convolutions then produce channels-last activations from ordinary inputs). The values are unchanged; state
@@ -928,15 +942,8 @@ def train(config: str, overrides: Sequence[str] = (), data_root: str | None = No
     lightning.seed_everything(cfg.train.seed, workers=True)
     model = build_model(cfg)
     if initial_state is not None:
-        from bevdeform.models.bevformer import load_model_weights
-
-        state = initial_state.get("state_dict", initial_state)
-        prefix = "model." if any(str(k).startswith("model.") for k in state) else ""
-        try:
-            load_model_weights(model, state, key_prefix=prefix)
-        except ValueError as error:
-            raise RunError(f"--init-weights {init_weights}: {error}") from None
-        del initial_state, state
+        load_checkpoint_weights(model, initial_state, f"--init-weights {init_weights}")
+        del initial_state
         _log(f"initial weights: {init_weights}")
     model = apply_memory_format(model, cfg.train.channels_last)
     module = build_module(cfg, model, source, run_dir / "results")
@@ -1045,16 +1052,9 @@ def evaluate(config: str, checkpoint: str | os.PathLike | None = None, overrides
 
     source.ensure_infos()
     from bevdeform.data.infos import load_infos
-    from bevdeform.models.bevformer import load_model_weights
-
     model = build_model(cfg)
-    state = saved.get("state_dict", saved)
-    prefix = "model." if any(str(k).startswith("model.") for k in state) else ""
-    try:
-        load_model_weights(model, state, key_prefix=prefix)
-    except ValueError as error:
-        raise RunError(f"--checkpoint {checkpoint}: {error}") from None
-    del saved, state
+    load_checkpoint_weights(model, saved, f"--checkpoint {checkpoint}")
+    del saved
     model = apply_memory_format(model, cfg.train.channels_last)
     _, infos = load_infos(source.eval_info_path)
     scored = any(len(info["gt_names"]) for info in infos)

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = convert_checkpoint_file(args.checkpoint, args.variant, args.out, trust_checkpoint=args.trust_checkpoint)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out} (bevdeform bevformer_v1 {args.variant}; use --config bevformer_{args.variant})")
