@@ -5,7 +5,7 @@ bad input of the scripts. The slow ones train for real on the synthetic set, on 
 - two processes (DDP over gloo) train a few steps, checkpoint and resume;
 - a run stopped mid-epoch and resumed follows the uninterrupted run's loss curve step for step;
 - bev_nano learns to detect on held-out synthetic scenes (NDS and mAP above thresholds an untrained model cannot
-  reach), while the same training with the cameras' extrinsics scrambled stays below them.
+  reach), and the learnt model scored with the cameras' extrinsics scrambled falls far below them.
 """
 
 from __future__ import annotations
@@ -193,6 +193,25 @@ def _main(script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def test_info_path_overrides_apply_to_the_embedded_synthetic_set(small_data, tmp_path):
+    """data.train_info_path / data.val_info_path point a run on the embedded data (no --data-root) at other info
+    files, e.g. a control's copy with scrambled extrinsics: they must not be replaced by the set's own files."""
+    from bevdeform.data.infos import info_path
+    from bevdeform.data.synthetic import TRAIN_SPLIT, VAL_SPLIT, VERSION
+    from bevdeform.train import resolve_data_source
+
+    common = dict(synthetic_parent=small_data.parent, synthetic_spec=SMALL_DATA)
+    default = resolve_data_source(None, None, **common)
+    assert default.data_root == small_data
+    assert default.train_info_path == info_path(small_data, VERSION, TRAIN_SPLIT)
+    assert default.eval_info_path == info_path(small_data, VERSION, VAL_SPLIT)
+    train_copy, val_copy = tmp_path / "train.json", tmp_path / "val.json"
+    chosen = resolve_data_source(None, None, train_info_path=str(train_copy), val_info_path=str(val_copy), **common)
+    assert (chosen.train_info_path, chosen.eval_info_path) == (train_copy, val_copy)
+    evaluation_only = resolve_data_source(None, None, need_train=False, val_info_path=str(val_copy), **common)
+    assert (evaluation_only.train_info_path, evaluation_only.eval_info_path) == (None, val_copy)
 
 
 def test_unknown_config_name_lists_the_available_ones_and_exits_non_zero(tmp_path):
@@ -389,53 +408,44 @@ LEARN_DATA = EMBEDDED_SYNTHETIC
 # temporal path is tested elsewhere), a learning rate of 1e-3 for the short schedule, validation only at the end.
 LEARN_OVERRIDES = ("data.image_size_hw=[96,176]", "data.queue_length=1", "train.lr=1e-3", "data.num_workers=1",
                    "train.epochs=1000")
-LEARN_STEPS = 800
-# Thresholds from measurement (docs/benchmarks.md, "Learning"), 2 CPU cores, torch 2.13: 800 steps of this
-# training scored mAP 0.039 / NDS 0.113 (0.018 / 0.065 after 600 steps; 40 scenes x 4 samples, 600 steps: 0.008 /
-# 0.107: single runs vary by ~2x), the scrambled control mAP 0.000003 / NDS 0.0095 (600 steps), an untrained model
-# mAP < 0.0005 / NDS ~0.01; without the auxiliary heatmap loss bev_nano scored mAP 0.0007 / NDS 0.032 after 800
-# steps.
-NDS_THRESHOLD = 0.05
-MAP_THRESHOLD = 0.01
-
-
-def scramble_extrinsics(info_path: Path, out_path: Path) -> Path:
-    """Copy an info file with each camera's cam2ego replaced by the next camera's (CAM_FRONT gets CAM_FRONT_RIGHT's,
-    ..., CAM_BACK_RIGHT gets CAM_FRONT's): images and boxes untouched, the geometry linking them wrong."""
-    content = json.loads(info_path.read_text())
-    for info in content["infos"]:
-        names = list(info["cams"])
-        extrinsics = [info["cams"][name]["cam2ego"] for name in names]
-        for position, name in enumerate(names):
-            info["cams"][name]["cam2ego"] = extrinsics[(position + 1) % len(names)]
-    out_path.write_text(json.dumps(content))
-    return out_path
+LEARN_STEPS = 480
+# Thresholds from measurement (docs/benchmarks.md, "Learning"), 2 CPU cores, torch 2.13, 2026-12-02: 480 steps of
+# this training scored mAP 0.0121 / NDS 0.0739 (9.6 min of training on that machine; without dropout 0.0114 / 0.0711;
+# 800 steps gave 0.038 / 0.113 but took 36 min there), and the same model scored with scrambled extrinsics mAP
+# 0.0000 / NDS 0.0000; an untrained model scores mAP < 0.0005 / NDS ~0.01. The thresholds sit at least 3x below
+# the learned values and 3x above the control (issue 14).
+NDS_THRESHOLD = 0.02
+MAP_THRESHOLD = 0.0035
 
 
 @pytest.mark.slow
 @pytest.mark.learning
-def test_bev_nano_learns_to_detect_and_scrambled_extrinsics_do_not(tmp_path_factory):
-    """Issue 5's proof of learning: LEARN_STEPS steps of bev_nano (LEARN_OVERRIDES) on the embedded synthetic
-    training scenes, scored on its held-out scenes, must beat NDS_THRESHOLD and MAP_THRESHOLD; the same training with
-    every camera's cam2ego swapped for its neighbour's (train and validation infos) must stay below both. The
-    numbers repeat exactly on the same machine (seeded, deterministic CPU kernels)."""
+def test_bev_nano_learns_to_detect_and_needs_the_camera_geometry(tmp_path_factory):
+    """The proof of learning in CI: LEARN_STEPS steps of bev_nano (LEARN_OVERRIDES) on the embedded synthetic
+    training scenes, scored by the devkit on its held-out scenes, must reach NDS_THRESHOLD and MAP_THRESHOLD; the same
+    checkpoint scored with every camera's cam2ego (and cam2lidar) swapped for its neighbour's in the validation
+    infos must stay below a third of both: what was learnt goes through the camera geometry, not around it. (The
+    control that trains with scrambled extrinsics costs a second training run; it is in the learning benchmark,
+    `scripts/bench_learning.py --controls`.) The numbers repeat on one machine (seeded, deterministic CPU kernels)."""
+    from bevdeform.learning_bench import scramble_extrinsics
+    from bevdeform.train import evaluate
+
     parent = tmp_path_factory.mktemp("learn")
     root = prepare_synthetic_data(LEARN_DATA, parent)
     common = dict(data_root=str(root), version="v1.0-synthetic", enable_progress_bar=False, accelerator="cpu",
-                  devices=1, max_steps=LEARN_STEPS, checkpoint_every_n_steps=100_000, log_every_n_steps=20,
-                  val_every_n_epochs=1000)
+                  devices=1)
     start = time.perf_counter()
-    learned = train("bev_nano", overrides=list(LEARN_OVERRIDES), out=parent / "run", **common)
+    learned = train("bev_nano", overrides=list(LEARN_OVERRIDES), out=parent / "run", max_steps=LEARN_STEPS,
+                    checkpoint_every_n_steps=100_000, log_every_n_steps=20, val_every_n_epochs=1000, **common)
     learned_s = time.perf_counter() - start
-    scrambled_infos = [
-        f"data.{key}={scramble_extrinsics(root / f'v1.0-synthetic_infos_{split}.json', parent / f'{split}.json')}"
-        for key, split in (("train_info_path", "synthetic_train"), ("val_info_path", "synthetic_val"))]
-    scrambled = train("bev_nano", overrides=[*LEARN_OVERRIDES, *scrambled_infos],
-                      out=parent / "scrambled", **common)
-    print(f"learned ({learned_s:.0f} s): NDS {learned['NDS']:.4f} mAP {learned['mAP']:.4f}; scrambled extrinsics: "
-          f"NDS {scrambled['NDS']:.4f} mAP {scrambled['mAP']:.4f}")
+    scrambled_val = scramble_extrinsics(root / "v1.0-synthetic_infos_synthetic_val.json", parent / "val.json")
+    scrambled = evaluate("bev_nano", checkpoint=parent / "run" / "checkpoints" / "last.ckpt",
+                         overrides=[*LEARN_OVERRIDES, f"data.val_info_path={scrambled_val}"],
+                         out=parent / "scrambled", **common)
+    print(f"learned ({learned_s:.0f} s): NDS {learned['NDS']:.4f} mAP {learned['mAP']:.4f}; scored with scrambled "
+          f"extrinsics: NDS {scrambled['NDS']:.4f} mAP {scrambled['mAP']:.4f}")
     assert learned["NDS"] >= NDS_THRESHOLD and learned["mAP"] >= MAP_THRESHOLD, learned
-    assert scrambled["NDS"] < NDS_THRESHOLD and scrambled["mAP"] < MAP_THRESHOLD, scrambled
+    assert scrambled["NDS"] < NDS_THRESHOLD / 3 and scrambled["mAP"] < MAP_THRESHOLD / 3, scrambled
 
 
 def test_run_ends_with_loss_against_untrained_baseline_files_and_a_bev_picture(small_data, tmp_path, capsys):
