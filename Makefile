@@ -23,5 +23,6 @@ $(VENV)/.bevdeform-installed: pyproject.toml
 run: setup
 	$(PY) scripts/train.py --config bev_tiny
 
+# The test command lives in .ci/run (set-up, then pytest), so CI and `make test` run the same thing.
 test: setup
-	$(PY) -m pytest -q --durations=15
+	VENV=$(VENV) bash .ci/run

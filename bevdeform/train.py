@@ -307,7 +307,7 @@ def resolve_data_source(data_root: str | os.PathLike | None, version: str | None
     Info files default to ``<data_root>/<version>_infos_<split>.json`` (made by :meth:`DataSource.ensure_infos`
     when absent); ``train_info_path`` / ``val_info_path`` point elsewhere.
     """
-    from bevdeform.data.infos import NUSCENES_TABLES, info_path
+    from bevdeform.data.infos import NUSCENES_TABLES
 
     if data_root is None:
         from bevdeform.data.synthetic import TRAIN_SPLIT, VAL_SPLIT, VERSION
@@ -318,12 +318,8 @@ def resolve_data_source(data_root: str | os.PathLike | None, version: str | None
         if eval_split is not None and eval_split not in (TRAIN_SPLIT, VAL_SPLIT):
             raise RunError(f"--split {eval_split!r}: the embedded synthetic set has splits {TRAIN_SPLIT}, {VAL_SPLIT}")
         root = prepare_synthetic_data(synthetic_spec, synthetic_parent)
-        split = eval_split or VAL_SPLIT
-        train_path = Path(train_info_path) if train_info_path else (
-            info_path(root, VERSION, TRAIN_SPLIT) if need_train else None)
-        eval_path = Path(val_info_path) if val_info_path else info_path(root, VERSION, split)
-        return DataSource(root, VERSION, TRAIN_SPLIT if need_train else None, split, train_path, eval_path,
-                          synthetic=True)
+        return _data_source(root, VERSION, TRAIN_SPLIT if need_train else None, eval_split or VAL_SPLIT,
+                            train_info_path, val_info_path, synthetic=True)
 
     root = Path(data_root).expanduser()
     if not root.is_dir():
@@ -355,10 +351,18 @@ def resolve_data_source(data_root: str | os.PathLike | None, version: str | None
         close = difflib.get_close_matches(eval_split, splits, n=1)
         raise RunError(f"--split {eval_split!r} is not a split of {table_root}"
                        f"{f'; did you mean {close[0]!r}?' if close else ''} (splits: {', '.join(splits)})")
+    return _data_source(root, version, train_split, eval_split, train_info_path, val_info_path, synthetic=False)
+
+
+def _data_source(root: Path, version: str, train_split: str | None, eval_split: str, train_info_path: str | None,
+                 val_info_path: str | None, synthetic: bool) -> DataSource:
+    """The DataSource of a checked root: the info files the user named, else ``<root>/<version>_infos_<split>.json``."""
+    from bevdeform.data.infos import info_path
+
     train_path = Path(train_info_path) if train_info_path else (
         info_path(root, version, train_split) if train_split else None)
     eval_path = Path(val_info_path) if val_info_path else info_path(root, version, eval_split)
-    return DataSource(root, version, train_split, eval_split, train_path, eval_path, synthetic=False)
+    return DataSource(root, version, train_split, eval_split, train_path, eval_path, synthetic=synthetic)
 
 
 # ----------------------------------------------------------------------------------------------------------------
