@@ -265,6 +265,48 @@ def test_native_dtypes_at_resnet_shape(device, dtype):
         assert err <= tol * max(scale, 1.0), f"{name}: max error {err} vs scale {scale} ({dtype})"
 
 
+@pytest.mark.parametrize("stride, groups, deform_groups", [((1, 1), 1, 1), ((2, 1), 2, 4)])
+def test_cpu_kernel_across_column_chunks(stride, groups, deform_groups):
+    """Wide layers are processed in chunks of output pixels (~4 MiB of columns each): at 256 channels and 2 threads
+    a chunk is 256 pixels, so these maps (720 / 400 output pixels) span 3 / 2 chunks, the last one partial. Native
+    equals the reference (float64, forward and every gradient) and the backward's peak memory stays below one
+    image's columns."""
+    native_or_skip("cpu", torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(21)
+        tensors, conv = make_inputs(2, 256, 24 * stride[0], 30, 8, (3, 3), stride, (1, 1), (1, 1), groups,
+                                    deform_groups, generator=gen, offset_scale=3.0)
+        ho, wo = tensors[1].shape[-2:]
+        assert ho * wo > 256 * 2 - 128 and (ho * wo) % 256 != 0  # at least two chunks, the last one partial
+        ref_out, ref_grads = run_with_grads(dcn.modulated_deform_conv2d_reference, tensors, conv)
+        out, grads = run_with_grads(dcn.modulated_deform_conv2d, tensors, conv)
+        assert_close(out, ref_out, torch.float64, "forward")
+        for name, got, want in zip(("input", "offset", "mask", "weight", "bias"), grads, ref_grads):
+            assert_close(got, want, torch.float64, f"grad {name}")
+
+        from torch.profiler import ProfilerActivity, profile
+
+        x, offset, mask, weight, bias = tensors
+        grad_output = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+        stride_, padding, dilation, groups_, deform_groups_ = conv
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            grads = torch.ops.bevdeform.modulated_deform_conv2d_backward(
+                x, offset, mask, weight, bias, grad_output, list(stride_), list(padding), list(dilation), groups_,
+                deform_groups_)
+        running, peak = 0, 0
+        for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                            key=lambda e: e.start_ns()):
+            running += event.nbytes()
+            peak = max(peak, running)
+        gradient_bytes = sum(g.numel() * g.element_size() for g in grads)
+        image_column_bytes = 256 * 9 * ho * wo * 8
+        assert gradient_bytes < peak < gradient_bytes + image_column_bytes, (peak, gradient_bytes)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gradcheck_cpu_kernel_float64():
     native_or_skip("cpu", torch.float64)
     gen = torch.Generator().manual_seed(5)
