@@ -135,6 +135,9 @@ class DecoderConfig:
     num_points: int = 4  # deformable cross-attention points on the BEV
     ffn_dims: int = 512
     dropout: float = 0.1
+    # learned (BEVFormer) | heatmap (two-stage: queries start at the BEV heatmap's peaks; needs
+    # model.loss.bev_heatmap_weight > 0, and the heatmap head then runs at inference too)
+    query_init: str = "learned"
 
 
 @dataclass
@@ -259,6 +262,11 @@ class Config:
             _require(getattr(m.encoder, option) in allowed, f"model.encoder.{option}", getattr(m.encoder, option),
                      " or ".join(allowed))
         _require(m.decoder.num_queries >= 1, "model.decoder.num_queries", m.decoder.num_queries, ">= 1")
+        _require(m.decoder.query_init in ("learned", "heatmap"), "model.decoder.query_init", m.decoder.query_init,
+                 "learned or heatmap")
+        _require(m.decoder.query_init != "heatmap" or m.loss.bev_heatmap_weight > 0, "model.decoder.query_init",
+                 m.decoder.query_init, "learned, or heatmap together with model.loss.bev_heatmap_weight > 0 (the "
+                 "queries start at that head's peaks)")
         _require(m.frame in ("ego", "lidar"), "model.frame", m.frame, "ego or lidar")
         _require(m.point_cloud_range_m is None or (len(m.point_cloud_range_m) == 6 and all(
             m.point_cloud_range_m[k] < m.point_cloud_range_m[k + 3] for k in range(3))), "model.point_cloud_range_m",
@@ -623,6 +631,7 @@ def build_model(cfg: Config):
         bev_w=m.encoder.bev_w,
         point_cloud_range_m=bev_range_m,
         dropout=m.decoder.dropout,
+        query_init=m.decoder.query_init,
     )
     loss = DetectionLoss(
         num_classes=len(d.class_names),

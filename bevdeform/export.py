@@ -10,6 +10,11 @@ and their calibration, the ego motion since the previous frame and that frame's 
              ego_prev2curr (B, 4, 4) float32, previous ego frame -> current ego frame
              has_prev (B,) bool, False at a scene start (the previous BEV is then ignored)
              prev_bev (B, bev_h * bev_w, C) float32, the previous frame's ``bev`` output (zeros at a scene start)
+             can_bus (B, 18) float32, only for the published-checkpoint configs (``configs/bevformer_*.yaml``,
+                 ``model.frame: lidar``): BEVFormer's CAN-bus vector after the detector's delta step against the
+                 previous frame's absolute vector (``bevdeform.compat.can_bus.official_can_bus_delta_masked``, on
+                 the host; ``ego2img`` then holds lidar2img). The official rotation of the previous BEV by
+                 ``can_bus[:, 17]`` degrees stays a graph computation (``attention.official_rotate_bev``).
     outputs  boxes (B, K, 9) float32 [x, y, z, w, l, h, yaw, vx, vy], current ego frame, metres / radians / m/s
              scores (B, K) float32, descending; labels (B, K) int64 class indices
              valid (B, K) bool: inside the post-centre range and above the score threshold (the boxes
@@ -67,6 +72,8 @@ from bevdeform.models.head import CODE_SIZE, decode_box_codes
 
 __all__ = [
     "INPUT_NAMES",
+    "CAN_BUS_INPUT",
+    "input_tuple",
     "OUTPUT_NAMES",
     "ONNX_CUSTOM_OP",
     "DEFAULT_OPSET",
@@ -82,6 +89,7 @@ __all__ = [
 ]
 
 INPUT_NAMES = ("images", "ego2img", "image_hw", "ego_prev2curr", "has_prev", "prev_bev")
+CAN_BUS_INPUT = "can_bus"  # the extra input of the published-checkpoint configs (module docstring)
 OUTPUT_NAMES = ("boxes", "scores", "labels", "valid", "bev", "num_visible_pairs")
 ONNX_CUSTOM_DOMAIN = "bevdeform"
 ONNX_CUSTOM_OP = "MultiScaleDeformableAttn"
@@ -187,6 +195,15 @@ def example_frame_inputs(cfg: Config, image_size_hw: Sequence[int] | None = None
         can_bus[:, 3:7] = float(np.cos(np.radians(15.0)))  # the official quirk: q.w in all four entries
         can_bus[:, 16], can_bus[:, 17] = float(np.radians(30.0)), 30.0
         extra["can_bus_abs"] = can_bus.to(device)
+        # The exported frame's input: the delta step against a previous frame 1.5 m behind, 2 degrees of turn ago.
+        from bevdeform.compat.can_bus import official_can_bus_delta_masked
+
+        previous = can_bus.clone()
+        previous[:, 0] -= 1.5 * np.cos(np.radians(30.0))
+        previous[:, 1] -= 1.5 * np.sin(np.radians(30.0))
+        previous[:, 16], previous[:, 17] = float(np.radians(28.0)), 28.0
+        delta = official_can_bus_delta_masked(can_bus, previous, torch.full((batch_size,), bool(has_prev)))
+        extra[CAN_BUS_INPUT] = delta.to(device=device, dtype=dtype)
     return {**extra,
         "images": images.to(device=device, dtype=dtype),
         "ego2img": torch.tensor(np.stack(ego2img), dtype=torch.float32, device=device).expand(
@@ -258,16 +275,26 @@ class ExportableStreamingDetector(nn.Module):
             raise ValueError(f"ExportableStreamingDetector: sca_pair_capacity={sca_pair_capacity}, expected 1..N*Q = "
                              f"{total} or None")
         self.sca_pair_capacity = total if sca_pair_capacity is None else int(sca_pair_capacity)
+        self.needs_can_bus = bool(getattr(encoder, "needs_can_bus", False))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """``INPUT_NAMES``, plus ``can_bus`` for a model whose encoder reads BEVFormer's CAN-bus vector."""
+        return INPUT_NAMES + ((CAN_BUS_INPUT,) if self.needs_can_bus else ())
 
     def forward(self, images: torch.Tensor, ego2img: torch.Tensor, image_hw: torch.Tensor,
-                ego_prev2curr: torch.Tensor, has_prev: torch.Tensor, prev_bev: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
-        """Inputs and outputs: the module docstring (``INPUT_NAMES`` -> ``OUTPUT_NAMES``)."""
+                ego_prev2curr: torch.Tensor, has_prev: torch.Tensor, prev_bev: torch.Tensor,
+                can_bus: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Inputs and outputs: the module docstring (``input_names`` -> ``OUTPUT_NAMES``)."""
         model = self.model
+        if self.needs_can_bus and can_bus is None:
+            raise ValueError("ExportableStreamingDetector: this model's encoder reads BEVFormer's CAN-bus vector: "
+                             "pass can_bus (B, 18), the official delta step of the absolute vectors")
         # prev_bev is always given: rows with has_prev False ignore it (and get identity motion), as forward_frame's
         # rows do, so a scene start needs no other graph.
         out = model.forward_frame(images, ego2img, image_hw, prev_bev, ego_prev2curr, has_prev,
-                                  sca_pair_capacity=self.sca_pair_capacity)
+                                  sca_pair_capacity=self.sca_pair_capacity,
+                                  can_bus=can_bus if self.needs_can_bus else None)
         boxes, scores, labels, valid = decode_topk_fixed(
             out.all_cls_logits[-1].float(), out.all_box_codes[-1].float(), self.max_detections,
             score_threshold=model.score_threshold, post_center_range_m=model.post_center_range_m)
@@ -316,11 +343,12 @@ def register_onnx_custom_op(opset: int = DEFAULT_OPSET) -> None:
     _registered_opsets.add(opset)
 
 
-def _input_tuple(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    missing = [name for name in INPUT_NAMES if name not in inputs]
+def input_tuple(module: ExportableStreamingDetector, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The module's positional inputs from a dict (``example_frame_inputs``), in ``module.input_names`` order."""
+    missing = [name for name in module.input_names if name not in inputs]
     if missing:
-        raise ValueError(f"inputs lack {missing}; expected the keys {list(INPUT_NAMES)} (example_frame_inputs)")
-    return tuple(inputs[name] for name in INPUT_NAMES)
+        raise ValueError(f"inputs lack {missing}; expected the keys {list(module.input_names)} (example_frame_inputs)")
+    return tuple(inputs[name] for name in module.input_names)
 
 
 def export_onnx(module: ExportableStreamingDetector, inputs: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -344,7 +372,7 @@ def export_onnx(module: ExportableStreamingDetector, inputs: dict[str, torch.Ten
         raise ValueError(f"opset={opset}: GridSample (align_prev_bev, the decomposed MSDA) needs opset >= 16")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = _input_tuple(inputs)
+    args = input_tuple(module, inputs)
     if msda == "custom":
         from bevdeform.msda import native_available
 
@@ -364,7 +392,8 @@ def export_onnx(module: ExportableStreamingDetector, inputs: dict[str, torch.Ten
         # The exporter's notes on how it lowers advanced indexing and what it could not constant-fold.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         torch.onnx.export(
-            module, args, str(path), dynamo=False, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            module, args, str(path), dynamo=False, input_names=list(module.input_names),
+            output_names=list(OUTPUT_NAMES),
             opset_version=opset, do_constant_folding=True,
             custom_opsets={ONNX_CUSTOM_DOMAIN: 1} if msda == "custom" else None)
     try:
@@ -388,7 +417,7 @@ def run_onnxruntime(path: str | os.PathLike, inputs: dict[str, torch.Tensor], nu
         options.intra_op_num_threads = int(num_threads)
         options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {name: inputs[name].detach().cpu().numpy() for name in INPUT_NAMES
+    feeds = {name: inputs[name].detach().cpu().numpy() for name in (*INPUT_NAMES, CAN_BUS_INPUT)
              if name in {i.name for i in session.get_inputs()}}
     outputs = session.run(None, feeds)
     return {meta.name: value for meta, value in zip(session.get_outputs(), outputs)}
@@ -404,4 +433,4 @@ def export_program(module: ExportableStreamingDetector, inputs: dict[str, torch.
         raise ValueError(f"export_program: msda={msda!r}; torch.export takes the native op as one node (native or "
                          f"auto); the reference reads spatial shapes with .tolist(), which export cannot trace")
     with msda_implementation(msda), torch.no_grad():
-        return torch.export.export(module.eval(), _input_tuple(inputs), strict=False)
+        return torch.export.export(module.eval(), input_tuple(module, inputs), strict=False)

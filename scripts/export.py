@@ -6,8 +6,8 @@
 
 The exported module is one streaming frame at a fixed batch and image size (bevdeform/export.py, which also says
 what stops the model's own forward from exporting and how the wrapper gets around it):
-inputs images, ego2img, image_hw, ego_prev2curr, has_prev, prev_bev; outputs boxes, scores, labels, valid, bev,
-num_visible_pairs. ``--msda custom`` emits bevdeform::MultiScaleDeformableAttn nodes for a TensorRT plugin;
+inputs images, ego2img, image_hw, ego_prev2curr, has_prev, prev_bev (+ can_bus for the published-checkpoint
+configs bevformer_tiny/small/base); outputs boxes, scores, labels, valid, bev, num_visible_pairs. ``--msda custom`` emits bevdeform::MultiScaleDeformableAttn nodes for a TensorRT plugin;
 ``--msda decomposed`` emits standard ONNX (GridSample) that onnxruntime runs as it is (``--verify`` compares its
 outputs with PyTorch's on an example frame). Needs the ``export`` extra: pip install -e ".[export]".
 """
@@ -80,10 +80,10 @@ def main(argv=None) -> int:
             import numpy as np
             import torch
 
-            from bevdeform.export import INPUT_NAMES, OUTPUT_NAMES, msda_implementation
+            from bevdeform.export import OUTPUT_NAMES, input_tuple, msda_implementation
 
             with torch.no_grad(), msda_implementation("reference"):
-                expected = module(*(inputs[name] for name in INPUT_NAMES))
+                expected = module(*input_tuple(module, inputs))
             got = run_onnxruntime(out, inputs)
             for name, value in zip(OUTPUT_NAMES, expected):
                 difference = np.abs(got[name].astype(np.float64) - value.numpy().astype(np.float64)).max()

@@ -89,6 +89,26 @@ def test_official_rotate_matches_per_pixel_brute_force(shape_hw, center, angles)
         torch.testing.assert_close(oracle_image, rotated[row].T.reshape(2, height, width), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape_hw, center", [((50, 50), (100.0, 100.0)), ((23, 37), (10.0, 7.5)),
+                                               ((200, 200), (100.0, 100.0))])
+def test_official_rotate_while_exporting_keeps_the_angle_a_tensor_and_equals_the_eager_path(shape_hw, center,
+                                                                                            monkeypatch):
+    """Exports cannot read the angle into Python: the batched tensor path must give the eager images bit for bit."""
+    from bevdeform.models import attention
+
+    height, width = shape_hw
+    generator = torch.Generator().manual_seed(5)
+    angles = torch.cat([torch.tensor([0.0, 4.5, -6.0, 33.3, -71.0, 190.0], dtype=torch.float64),
+                        (torch.rand(10, generator=generator, dtype=torch.float64) - 0.5) * 20])
+    bev = torch.randn(len(angles), height * width, 3, generator=generator)
+    eager = official_rotate_bev(bev, angles, height, width, center)
+    monkeypatch.setattr(attention, "is_tracing_or_exporting", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the export path read the angles"))
+    exported = official_rotate_bev(bev, angles, height, width, center)
+    monkeypatch.undo()
+    torch.testing.assert_close(exported, eager, rtol=0, atol=0)
+
+
 def test_official_reference_shift_closed_form():
     generator = torch.Generator().manual_seed(4)
     can_bus = torch.randn(5, 18, generator=generator, dtype=torch.float64) * 3
@@ -102,6 +122,14 @@ def test_official_reference_shift_closed_form():
     expected_y = (dx * psi.cos() + dy * psi.sin()) / 80.0  # / real_h = x range
     torch.testing.assert_close(shift.double(), torch.stack([expected_x, expected_y], -1), rtol=1e-6, atol=1e-7)
     assert shift.dtype == torch.float32
+    # The ONNX exporter's branch (closed form: onnxruntime has no float64 Atan) gives the same float32 shift.
+    original = torch.jit.is_tracing
+    try:
+        torch.jit.is_tracing = lambda: True
+        traced = official_reference_shift(can_bus, bev_h, bev_w, pcr)
+    finally:
+        torch.jit.is_tracing = original
+    torch.testing.assert_close(traced, shift, rtol=1e-6, atol=1e-7)
 
 
 def test_pillar_heights_official_and_default():

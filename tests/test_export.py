@@ -222,3 +222,54 @@ def test_export_script_writes_and_verifies(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "max |onnxruntime - torch|" in printed
     assert script.main(["--config", "bev_nano", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+
+
+def test_two_stage_model_exports_with_its_heatmap_proposals():
+    """model.decoder.query_init=heatmap puts the heatmap head, its peak extraction and top-k into the graph:
+    torch.export takes it and the exported program equals eager on another frame."""
+    torch.manual_seed(0)
+    cfg, model = load_detector("bev_nano", overrides=[*SMALL_MODEL, "model.decoder.query_init=heatmap"])
+    module = ExportableStreamingDetector(model)
+    program = export_program(module, example_frame_inputs(cfg))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert any("topk" in target for target in targets) and any("max_pool2d" in target for target in targets)
+    other = example_frame_inputs(cfg, seed=4)
+    with torch.no_grad():
+        got = program.module()(*_args(other))
+        expected = module(*_args(other))
+    for name, a, b in zip(OUTPUT_NAMES, got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.skipif(not (HAS_ONNX and HAS_ONNXRUNTIME), reason="onnx/onnxruntime not installed (the 'export' extra)")
+def test_published_checkpoint_config_exports_with_a_can_bus_input(tmp_path):
+    """configs/bevformer_tiny.yaml (model.frame lidar, official rotation by can_bus[17] degrees, CAN-bus input): the
+    wrapper takes can_bus as a seventh input; torch.export and the decomposed ONNX (onnxruntime) equal eager on a
+    frame whose turn differs from the traced one, so the angle is an input of the graph, not a constant."""
+    from bevdeform.export import CAN_BUS_INPUT, input_tuple
+
+    torch.manual_seed(0)
+    cfg, model = load_detector("bevformer_tiny", overrides=SMALL_MODEL)
+    module = ExportableStreamingDetector(model)
+    assert module.input_names == (*INPUT_NAMES, CAN_BUS_INPUT)
+    traced_on = example_frame_inputs(cfg)
+    other = example_frame_inputs(cfg, seed=5)
+    other[CAN_BUS_INPUT][:, 17] = -7.5  # another yaw delta (degrees) than the traced frame's 2
+    other[CAN_BUS_INPUT][:, 0:2] = torch.tensor([0.4, -1.2])
+    with torch.no_grad():
+        expected = module(*input_tuple(module, other))
+        straight = dict(other, **{CAN_BUS_INPUT: other[CAN_BUS_INPUT].clone()})
+        straight[CAN_BUS_INPUT][:, 17] = 0.0
+        assert (module(*input_tuple(module, straight))[4] - expected[4]).abs().max() > 1e-3  # the angle matters
+    program = export_program(module, traced_on)
+    with torch.no_grad():
+        got = program.module()(*input_tuple(module, other))
+    for name, a, b in zip(OUTPUT_NAMES, got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+    path = export_onnx(module, traced_on, tmp_path / "bevformer_tiny.onnx", msda="decomposed")
+    with torch.no_grad(), msda_implementation("reference"):
+        reference = dict(zip(OUTPUT_NAMES, module(*input_tuple(module, other))))
+    onnx_out = run_onnxruntime(path, other, num_threads=2)
+    np.testing.assert_allclose(onnx_out["bev"], reference["bev"].numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="can_bus"):
+        module(*input_tuple(module, other)[:6])

@@ -567,3 +567,106 @@ def test_bev_heatmap_head_is_built_from_the_config_adds_its_loss_and_is_skipped_
         cfg.model, loss=dataclasses.replace(cfg.model.loss, bev_heatmap_weight=-1.0)))
     with pytest.raises(ValueError, match="bev_heatmap_weight"):
         build_model(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-stage query initialisation (model.decoder.query_init: heatmap)
+# ----------------------------------------------------------------------------------------------------------------
+def make_heatmap_decoder(num_queries: int = 4) -> DetectionDecoder:
+    torch.manual_seed(0)
+    return DetectionDecoder(embed_dims=32, num_layers=2, num_queries=num_queries, num_heads=4, num_points=4,
+                            ffn_dims=64, num_classes=NUM_CLASSES, code_size=10, bev_h=8, bev_w=12,
+                            point_cloud_range_m=RANGE, dropout=0.0, query_init="heatmap")
+
+
+def planted_heatmap(peaks, batch_size: int = 1) -> torch.Tensor:
+    """Logits (B, K, 8, 12) of -10 everywhere except the planted (class, row i, column j, logit) peaks."""
+    logits = torch.full((batch_size, NUM_CLASSES, 8, 12), -10.0)
+    for k, i, j, value in peaks:
+        logits[:, k, i, j] = value
+    return logits
+
+
+def test_heatmap_proposals_start_at_the_peaks_cell_centres_with_their_bev_feature_and_class():
+    """On a non-square 8 x 12 grid (rows along y, columns along x), so a transposed index lands elsewhere."""
+    decoder = make_heatmap_decoder(num_queries=3)
+    # A neighbour of the first peak scores just below it: local-maximum suppression must skip it.
+    peaks = [(0, 2, 9, 5.0), (0, 2, 10, 4.9), (8, 6, 1, 3.0), (3, 0, 0, 1.0)]
+    bev = torch.randn(1, 8 * 12, 32)
+    queries, query_pos, reference, labels, cells = decoder.heatmap_proposals(bev, planted_heatmap(peaks))
+    assert labels.tolist() == [[0, 8, 3]] and cells.tolist() == [[2 * 12 + 9, 6 * 12 + 1, 0]]
+    expected_xy = torch.tensor([[(9 + 0.5) / 12, (2 + 0.5) / 8], [(1 + 0.5) / 12, (6 + 0.5) / 8], [0.5 / 12, 0.5 / 8]])
+    torch.testing.assert_close(reference[0, :, :2], expected_xy)
+    assert (reference[..., 2] == 0.5).all()
+    for q, (cell, label) in enumerate(zip(cells[0].tolist(), labels[0].tolist())):
+        torch.testing.assert_close(queries[0, q], bev[0, cell] + decoder.class_embedding.weight[label])
+    torch.testing.assert_close(query_pos, decoder.position_embedding(reference[..., :2]))
+    # In metres: the first proposal is the centre of cell (row 2, column 9) of the +-20 m grid (3.33 x 5 m cells).
+    centre_m = decoder.normalised_to_metres(reference[0, 0])
+    torch.testing.assert_close(centre_m[:2], torch.tensor([-20.0 + 9.5 * 40 / 12, -20.0 + 2.5 * 40 / 8]))
+
+
+def test_heatmap_decoder_boxes_start_at_the_proposal_and_gradients_reach_the_bev_not_the_cell_choice():
+    decoder = make_heatmap_decoder(num_queries=2)
+    for branch in decoder.reg_branches:  # no refinement: every layer's centre is the proposal's cell centre
+        torch.nn.init.zeros_(branch.codes.weight)
+        torch.nn.init.zeros_(branch.codes.bias)
+    bev = torch.randn(1, 8 * 12, 32, requires_grad=True)
+    heat = planted_heatmap([(1, 5, 3, 4.0), (2, 1, 7, 3.0)]).requires_grad_()
+    logits, codes = decoder(bev, heat)
+    low, size = torch.tensor(RANGE[:2]), torch.tensor(RANGE[3:5]) - torch.tensor(RANGE[:2])
+    expected = torch.tensor([[(3.5) / 12, 5.5 / 8], [7.5 / 12, 1.5 / 8]]) * size + low  # (x, y) metres
+    for layer in range(2):
+        torch.testing.assert_close(codes[layer, 0, :, :2], expected)
+    (logits.sum() + codes.sum()).backward()
+    assert bev.grad[0, 5 * 12 + 3].abs().max() > 0  # the proposal's cell feeds its query
+    assert heat.grad is None  # the choice of cells is not differentiable
+    assert decoder.class_embedding.weight.grad[[1, 2]].abs().max() > 0
+    assert decoder.class_embedding.weight.grad[0].abs().max() == 0
+
+
+def test_heatmap_query_init_errors():
+    decoder = make_heatmap_decoder()
+    with pytest.raises(ValueError, match="needs heatmap_logits"):
+        decoder(torch.randn(1, 8 * 12, 32))
+    with pytest.raises(ValueError, match="heatmap_logits must be"):
+        decoder(torch.randn(1, 8 * 12, 32), torch.randn(1, NUM_CLASSES, 12, 8))
+    with pytest.raises(ValueError, match="too many queries"):
+        DetectionDecoder(32, 1, 8 * 12 * NUM_CLASSES + 1, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE,
+                         query_init="heatmap")
+    with pytest.raises(ValueError, match="query_init"):
+        DetectionDecoder(32, 1, 4, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, query_init="peaks")
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, decoder=dataclasses.replace(cfg.model.decoder, query_init="heatmap")))
+    with pytest.raises(ValueError, match="bev_heatmap_weight"):
+        build_model(cfg)
+    with pytest.raises(ConfigError, match="model.decoder.query_init"):
+        load_config("bev_nano", ["model.decoder.query_init=heatmap", "model.loss.bev_heatmap_weight=0"])
+
+
+def test_two_stage_detector_trains_predicts_and_streams():
+    cfg = tiny_config(dropout=0.0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, decoder=dataclasses.replace(cfg.model.decoder, query_init="heatmap"),
+        loss=dataclasses.replace(cfg.model.loss, bev_heatmap_weight=1.0)))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert not hasattr(model.decoder, "query_embedding")  # no unused learned queries (DDP needs every parameter)
+    head_calls = []
+    model.bev_heatmap_head.register_forward_hook(lambda module, args, out: head_calls.append(1))
+    batch = make_batch(2, 2)
+    model.train()
+    losses = model.forward_train(batch)
+    assert len(head_calls) == 1  # one heatmap for the queries and its loss
+    assert losses["loss_bev_heatmap"] > 0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+    model.eval()
+    detections = model.predict(batch)
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 9
+    streaming = StreamingBEVFormer(model)
+    for t in range(2):
+        streamed = streaming.step(*[x[:1] for x in frame(batch, t)], scene_tokens=["scene0"])
+        assert streamed[0]["boxes"].shape[1] == 9

@@ -276,6 +276,33 @@ def _torchvision_rotate_grid(angle_deg: float, height: int, width: int, center_p
     return base.view(1, height * width, 3).bmm(scaled).view(1, height, width, 2)  # (1, H*W, 2) -> (1, H, W, 2)
 
 
+def _torchvision_rotate_grid_batched(angle_deg: torch.Tensor, height: int, width: int, center_px: Sequence[float],
+                                     dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_torchvision_rotate_grid` for a (B,) tensor of angles, without reading them into Python: the same
+    arithmetic in float64 tensors (Python's doubles) up to the cast of the matrix to ``dtype``, so that exports
+    (torch.export, ONNX) keep the angle an input. Returns (B, H, W, 2)."""
+    rot = -angle_deg.to(torch.float64) * (math.pi / 180.0)  # (B,) radians, as math.radians(-angle)
+    centre_x = float(center_px[0]) - width * 0.5
+    centre_y = float(center_px[1]) - height * 0.5
+    m00, m01 = torch.cos(rot), torch.sin(rot)
+    m10, m11 = -torch.sin(rot), torch.cos(rot)
+    m02 = (m00 * -centre_x + m01 * -centre_y) + centre_x
+    m12 = (m10 * -centre_x + m11 * -centre_y) + centre_y
+    # (B, 2, 3) in double, then cast as torchvision casts its matrix to the image dtype
+    theta = torch.stack((torch.stack((m00, m01, m02), dim=-1), torch.stack((m10, m11, m12), dim=-1)), dim=1)
+    theta = theta.to(dtype)
+    device = angle_deg.device
+    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device, dtype=dtype)
+    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, device=device, dtype=dtype)
+    base = torch.stack((xs[None, :].expand(height, width), ys[:, None].expand(height, width),
+                        torch.ones(height, width, dtype=dtype, device=device)), dim=-1)  # (H, W, 3)
+    # (B, 2, 3) -> (B, 3, 2), columns divided by (W/2, H/2) -> normalised grid units
+    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device)
+    batch = angle_deg.shape[0]
+    grid = base.reshape(1, height * width, 3).expand(batch, -1, -1).bmm(scaled)  # (B, H*W, 2)
+    return grid.reshape(batch, height, width, 2)
+
+
 def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: int, bev_w: int,
                         center_px: Sequence[float] = (100.0, 100.0)) -> torch.Tensor:
     """BEVFormer's temporal alignment of the released checkpoints (transformer.py ``get_bev_features``): each
@@ -287,7 +314,8 @@ def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: 
 
     Args:
         prev_bev: (B, bev_h * bev_w, C). angle_deg: (B,) degrees (the CAN-bus yaw delta, ``can_bus[:, 17]``); read
-            into Python floats, as the official code reads it from the image metas.
+            into Python floats, as the official code reads it from the image metas. While exporting or compiling
+            the angles stay tensors (:func:`_torchvision_rotate_grid_batched`, the same arithmetic; tested equal).
     Returns:
         (B, bev_h * bev_w, C).
     """
@@ -297,6 +325,12 @@ def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: 
     batch, num_cells, channels = prev_bev.shape
     if tuple(angle_deg.shape) != (batch,):
         raise ValueError(f"official_rotate_bev: angle_deg must be (B={batch},) degrees, got {tuple(angle_deg.shape)}")
+    if is_tracing_or_exporting():
+        grid = _torchvision_rotate_grid_batched(angle_deg, bev_h, bev_w, center_px, prev_bev.dtype)  # (B, H, W, 2)
+        # (B, H*W, C) -> (B, C, H*W) -> (B, C, H, W): row i along y, column j along x
+        image = prev_bev.transpose(1, 2).reshape(batch, channels, bev_h, bev_w)
+        out = F.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return out.reshape(batch, channels, num_cells).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
     angles = [float(a) for a in angle_deg.detach().double().cpu().tolist()]
     rotated = []
     for row, angle in enumerate(angles):
@@ -325,6 +359,13 @@ def official_reference_shift(can_bus: torch.Tensor, bev_h: int, bev_w: int,
     real_h, real_w = x_max - x_min, y_max - y_min
     values = can_bus.detach().to(torch.float64)
     delta_x, delta_y = values[:, 0], values[:, 1]
+    if torch.jit.is_tracing():
+        # The ONNX (TorchScript) exporter: onnxruntime has no float64 Atan, so the same shift in closed form,
+        # L sin(psi - atan2(dy, dx)) = dx sin psi - dy cos psi, L cos(...) = dx cos psi + dy sin psi (tested equal).
+        psi = values[:, 16]
+        shift_x = (delta_x * torch.sin(psi) - delta_y * torch.cos(psi)) / real_w
+        shift_y = (delta_x * torch.cos(psi) + delta_y * torch.sin(psi)) / real_h
+        return torch.stack([shift_x, shift_y], dim=-1).to(torch.float32)  # (B, 2) as (x, y)
     ego_angle_deg = values[:, 16] / math.pi * 180.0
     length = torch.sqrt(delta_x ** 2 + delta_y ** 2)
     translation_angle_deg = torch.atan2(delta_y, delta_x) / math.pi * 180.0

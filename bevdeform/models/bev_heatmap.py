@@ -70,13 +70,16 @@ class BEVHeatmapHead(nn.Module):
         image = bev.transpose(1, 2).reshape(batch_size, self.embed_dims, self.bev_h, self.bev_w)  # (B, HW, C) -> (B, C, H, W)
         return self.logits(self.hidden(image))  # (B, K, H, W)
 
-    def loss(self, bev: torch.Tensor, gt_boxes: Sequence[torch.Tensor], gt_labels: Sequence[torch.Tensor]) -> torch.Tensor:
+    def loss(self, bev: torch.Tensor, gt_boxes: Sequence[torch.Tensor], gt_labels: Sequence[torch.Tensor],
+             logits: torch.Tensor | None = None) -> torch.Tensor:
         """``weight * heatmap_focal_loss(self(bev), render_centre_heatmaps(gt...))``, a scalar.
 
         Args:
             bev: (B, bev_h * bev_w, C); gt_boxes: B tensors (n_b, 9) ego frame; gt_labels: B int64 tensors (n_b,).
+            logits: ``self(bev)`` when the caller already has it (the two-stage decoder ran the head), else None.
         """
-        logits = self(bev)  # (B, K, H, W)
+        if logits is None:
+            logits = self(bev)  # (B, K, H, W)
         targets = render_centre_heatmaps(gt_boxes, gt_labels, self.num_classes, self.bev_h, self.bev_w,
                                          self.point_cloud_range_m).to(logits.device)
         return self.weight * heatmap_focal_loss(logits, targets)

@@ -46,12 +46,15 @@ class DetectorOutput:
             centre in metres, ego frame).
         num_visible_pairs: (B,) int64 (BEV cell, camera) pairs that see their pillar, spatial cross-attention's
             work; more than ``sca_pair_capacity`` means an export dropped pairs.
+        heatmap_logits: (B, num_classes, bev_h, bev_w) the BEV heatmap head's logits when the decoder's queries
+            start from them (``query_init='heatmap'``), else None.
     """
 
     bev: torch.Tensor
     all_cls_logits: torch.Tensor | None  # None when the decoder was skipped (history frames)
     all_box_codes: torch.Tensor | None
     num_visible_pairs: torch.Tensor | None = None
+    heatmap_logits: torch.Tensor | None = None
 
 
 def _check_shape(name: str, tensor: Any, expected: Sequence[int | None], meaning: str) -> None:
@@ -126,6 +129,9 @@ class BEVFormer(nn.Module):
         self.decoder = decoder
         self.loss = loss
         self.bev_heatmap_head = bev_heatmap_head
+        if getattr(decoder, "query_init", "learned") == "heatmap" and bev_heatmap_head is None:
+            raise ValueError("BEVFormer: the decoder's queries start at the BEV heatmap's peaks (query_init='heatmap') "
+                             "but there is no bev_heatmap_head (model.loss.bev_heatmap_weight must be > 0)")
         self.num_cameras = int(num_cameras)
         self.score_threshold = score_threshold
         self.max_detections = int(max_detections)
@@ -260,9 +266,12 @@ class BEVFormer(nn.Module):
                            **encoder_kwargs)
         if not run_decoder:
             return DetectorOutput(bev=bev, all_cls_logits=None, all_box_codes=None, num_visible_pairs=pairs.num_pairs)
-        all_cls_logits, all_box_codes = self.decoder(bev)
+        heatmap_logits = None
+        if getattr(self.decoder, "query_init", "learned") == "heatmap":
+            heatmap_logits = self.bev_heatmap_head(bev)  # (B, K, bev_h, bev_w): the queries start at its peaks
+        all_cls_logits, all_box_codes = self.decoder(bev, heatmap_logits)
         return DetectorOutput(bev=bev, all_cls_logits=all_cls_logits, all_box_codes=all_box_codes,
-                              num_visible_pairs=pairs.num_pairs)
+                              num_visible_pairs=pairs.num_pairs, heatmap_logits=heatmap_logits)
 
     def decode(self, all_cls_logits: torch.Tensor, all_box_codes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Boxes from the last decoder layer: B dicts ``boxes (k, 9)`` ego frame, ``scores (k,)``, ``labels (k,)``
@@ -401,7 +410,8 @@ class BEVFormer(nn.Module):
         gt_boxes = batch["gt_boxes_lidar"] if self.input_frame == "lidar" else batch["gt_boxes"]
         losses = self.loss(out.all_cls_logits, out.all_box_codes, gt_boxes, batch["gt_labels"])
         if self.bev_heatmap_head is not None:
-            losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, gt_boxes, batch["gt_labels"])
+            losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, gt_boxes, batch["gt_labels"],
+                                                                    logits=out.heatmap_logits)
             losses["loss"] = losses["loss"] + losses["loss_bev_heatmap"]
         return losses
 

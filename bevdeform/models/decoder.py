@@ -22,6 +22,18 @@ Why detach between layers (Deformable DETR's refinement): each layer learns a co
 letting the gradient of layer l + 1 flow into layer l's estimate couples the layers and destabilises training.
 The first reference is not detached, so the reference Linear and the query embeddings learn from every layer's
 location loss through layer 0 (as in the reference implementation).
+
+Two-stage initialisation (``query_init='heatmap'``, a bevdeform option; BEVFormer's default is ``'learned'``): the
+queries start at the Q highest local maxima of the BEV centre heatmap (``bev_heatmap.BEVHeatmapHead``) over all
+classes and cells, as CenterPoint / TransFusion-style detectors do. A proposal at class k, BEV row i (along y) and
+column j (along x) gives
+
+    reference_0 = ((j + 0.5) / bev_w, (i + 0.5) / bev_h, 0.5)     the cell centre, normalised; z mid-range
+    queries_0   = bev[i * bev_w + j] + class_embedding[k]          the BEV feature of the cell + its class
+    query_pos   = MLP(reference_0[:2])
+
+The choice of cells (top-k of the detached heatmap) is not differentiable; the gathered features are, so the
+decoder's losses reach the BEV through the chosen cells. The heatmap head is then part of inference (and export).
 """
 
 from __future__ import annotations
@@ -121,9 +133,13 @@ class DetectionDecoder(nn.Module):
         point_cloud_range_m: ``(x_min, y_min, z_min, x_max, y_max, z_max)``, ego frame, metres: what normalised
             reference coordinates 0 and 1 mean.
         dropout: dropout of the layers.
+        query_init: ``'learned'`` (BEVFormer: learned query embeddings and reference points) or ``'heatmap'``
+            (two-stage: the queries start at the BEV heatmap's peaks, module docstring; :meth:`forward` then needs
+            the heatmap logits).
 
-    Forward: ``bev (B, bev_h * bev_w, C) -> (all_cls_logits (L, B, Q, num_classes), all_box_codes (L, B, Q, 10))``
-    with L = num_layers; codes in metres (ego frame) for dims 0, 1, 4.
+    Forward: ``bev (B, bev_h * bev_w, C) [, heatmap_logits (B, num_classes, bev_h, bev_w)] -> (all_cls_logits
+    (L, B, Q, num_classes), all_box_codes (L, B, Q, 10))`` with L = num_layers; codes in metres (ego frame) for
+    dims 0, 1, 4.
     """
 
     def __init__(
@@ -140,8 +156,16 @@ class DetectionDecoder(nn.Module):
         bev_w: int,
         point_cloud_range_m: Sequence[float],
         dropout: float = 0.1,
+        query_init: str = "learned",
     ):
         super().__init__()
+        if query_init not in ("learned", "heatmap"):
+            raise ValueError(f"DetectionDecoder: query_init={query_init!r}, expected 'learned' or 'heatmap'")
+        if query_init == "heatmap" and num_queries > num_classes * bev_h * bev_w:
+            raise ValueError(
+                f"DetectionDecoder: query_init='heatmap' takes num_queries={num_queries} peaks from "
+                f"num_classes * bev_h * bev_w = {num_classes * bev_h * bev_w} heatmap cells: too many queries"
+            )
         if code_size != CODE_SIZE:
             raise ValueError(
                 f"DetectionDecoder: code_size={code_size}, expected {CODE_SIZE} (the box code layout of "
@@ -162,10 +186,18 @@ class DetectionDecoder(nn.Module):
         self.bev_h = int(bev_h)
         self.bev_w = int(bev_w)
         self.point_cloud_range_m = check_point_cloud_range(point_cloud_range_m)
+        self.query_init = query_init
 
-        self.query_embedding = nn.Embedding(num_queries, embed_dims)  # content of each query
-        self.query_pos_embedding = nn.Embedding(num_queries, embed_dims)  # where it looks: also feeds the reference
-        self.reference_points = nn.Linear(embed_dims, 3)  # query_pos -> initial normalised (x, y, z) logits
+        if query_init == "learned":
+            self.query_embedding = nn.Embedding(num_queries, embed_dims)  # content of each query
+            self.query_pos_embedding = nn.Embedding(num_queries, embed_dims)  # where it looks: feeds the reference
+            self.reference_points = nn.Linear(embed_dims, 3)  # query_pos -> initial normalised (x, y, z) logits
+        else:
+            self.class_embedding = nn.Embedding(num_classes, embed_dims)  # added to the proposal cell's feature
+            # normalised (x, y) of the proposal -> query_pos
+            self.position_embedding = nn.Sequential(
+                nn.Linear(2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims)
+            )
         self.layers = nn.ModuleList(
             DecoderLayer(embed_dims, num_heads, num_points, ffn_dims, dropout) for _ in range(num_layers)
         )
@@ -184,8 +216,9 @@ class DetectionDecoder(nn.Module):
     def _init_weights(self) -> None:
         # Xavier-uniform with zero bias (the reference's init): the initial references spread over the range
         # around its centre (sigmoid(0) = 0.5) instead of collapsing to one point.
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        if self.query_init == "learned":
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
         for layer in self.layers:
             for module in layer.ffn:
                 if isinstance(module, nn.Linear):
@@ -203,10 +236,50 @@ class DetectionDecoder(nn.Module):
         reference = self.reference_points(self.query_pos_embedding.weight).sigmoid()  # (Q, 3)
         return reference[None].expand(batch_size, -1, -1)  # (Q, 3) -> (B, Q, 3)
 
-    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heatmap_proposals(
+        self, bev: torch.Tensor, heatmap_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-stage initial queries (``query_init='heatmap'``, module docstring).
+
+        Args:
+            bev: (B, bev_h * bev_w, C), row-major over (i along y, j along x).
+            heatmap_logits: (B, num_classes, bev_h, bev_w) centre-heatmap logits of the same BEV.
+        Returns:
+            queries (B, Q, C), query_pos (B, Q, C), reference (B, Q, 3) normalised (x, y, z), labels (B, Q) int64
+            class of each proposal, cells (B, Q) int64 BEV cell index i * bev_w + j; in descending heatmap score.
+        """
+        batch_size, num_classes = heatmap_logits.shape[:2]
+        if tuple(heatmap_logits.shape) != (bev.shape[0], self.num_classes, self.bev_h, self.bev_w):
+            raise ValueError(
+                f"DetectionDecoder: heatmap_logits must be (B={bev.shape[0]}, {self.num_classes}, {self.bev_h}, "
+                f"{self.bev_w}), got {tuple(heatmap_logits.shape)}"
+            )
+        heat = heatmap_logits.detach().float().sigmoid()  # (B, K, H, W)
+        # Local maxima of each class map (3x3), CenterNet's peak extraction; other cells score 0.
+        pooled = nn.functional.max_pool2d(heat, kernel_size=3, stride=1, padding=1)
+        peaks = torch.where(heat == pooled, heat, torch.zeros_like(heat))
+        cells_per_map = self.bev_h * self.bev_w
+        top = peaks.reshape(batch_size, num_classes * cells_per_map).topk(self.num_queries, dim=1).indices  # (B, Q)
+        labels = top // cells_per_map  # (B, Q) class k
+        cells = top % cells_per_map  # (B, Q) i * bev_w + j
+        rows = torch.div(cells, self.bev_w, rounding_mode="floor")  # i, along y
+        cols = cells % self.bev_w  # j, along x
+        x = (cols.to(bev.dtype) + 0.5) / self.bev_w
+        y = (rows.to(bev.dtype) + 0.5) / self.bev_h
+        reference = torch.stack((x, y, torch.full_like(x, 0.5)), dim=-1)  # (B, Q, 3)
+        gathered = bev.gather(1, cells[..., None].expand(-1, -1, bev.shape[2]))  # (B, HW, C) -> (B, Q, C)
+        queries = gathered + self.class_embedding(labels)  # (B, Q, C)
+        query_pos = self.position_embedding(reference[..., :2])  # (B, Q, 2) -> (B, Q, C)
+        return queries, query_pos, reference, labels, cells
+
+    def forward(
+        self, bev: torch.Tensor, heatmap_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             bev: (B, bev_h * bev_w, C) BEV features of the current frame, row-major over (i along y, j along x).
+            heatmap_logits: (B, num_classes, bev_h, bev_w) the BEV centre-heatmap logits; required with
+                ``query_init='heatmap'``, ignored otherwise.
         Returns:
             all_cls_logits: (num_layers, B, Q, num_classes) logits of every layer.
             all_box_codes: (num_layers, B, Q, 10) box codes of every layer, dims 0, 1, 4 the refined reference
@@ -218,9 +291,14 @@ class DetectionDecoder(nn.Module):
                 f"got {tuple(bev.shape)}"
             )
         batch_size = bev.shape[0]
-        queries = self.query_embedding.weight[None].expand(batch_size, -1, -1)  # (Q, C) -> (B, Q, C)
-        query_pos = self.query_pos_embedding.weight[None].expand(batch_size, -1, -1)  # (Q, C) -> (B, Q, C)
-        reference = self.initial_reference(batch_size)  # (B, Q, 3)
+        if self.query_init == "heatmap":
+            if heatmap_logits is None:
+                raise ValueError("DetectionDecoder: query_init='heatmap' needs heatmap_logits (B, K, bev_h, bev_w)")
+            queries, query_pos, reference, _, _ = self.heatmap_proposals(bev, heatmap_logits)
+        else:
+            queries = self.query_embedding.weight[None].expand(batch_size, -1, -1)  # (Q, C) -> (B, Q, C)
+            query_pos = self.query_pos_embedding.weight[None].expand(batch_size, -1, -1)  # (Q, C) -> (B, Q, C)
+            reference = self.initial_reference(batch_size)  # (B, Q, 3)
 
         all_cls_logits, all_box_codes = [], []
         for layer, cls_branch, reg_branch in zip(self.layers, self.cls_branches, self.reg_branches):
