@@ -91,22 +91,23 @@ def test_official_rotate_matches_per_pixel_brute_force(shape_hw, center, angles)
 
 @pytest.mark.parametrize("shape_hw, center", [((50, 50), (100.0, 100.0)), ((23, 37), (10.0, 7.5)),
                                                ((200, 200), (100.0, 100.0))])
-def test_official_rotate_while_exporting_keeps_the_angle_a_tensor_and_equals_the_eager_path(shape_hw, center,
-                                                                                            monkeypatch):
-    """Exports cannot read the angle into Python: the batched tensor path must give the eager images bit for bit."""
-    from bevdeform.models import attention
-
+def test_official_rotate_keeps_the_angle_a_tensor_and_equals_torchvision_bit_for_bit(shape_hw, center, monkeypatch):
+    """Exports must keep the yaw delta an input: the rotation never reads it into Python, and its images equal the
+    oracle's transcription of torchvision's code path (matrix from Python floats) bit for bit, for 16 angles at
+    once (one batch), in float32 and float64."""
     height, width = shape_hw
     generator = torch.Generator().manual_seed(5)
     angles = torch.cat([torch.tensor([0.0, 4.5, -6.0, 33.3, -71.0, 190.0], dtype=torch.float64),
                         (torch.rand(10, generator=generator, dtype=torch.float64) - 0.5) * 20])
-    bev = torch.randn(len(angles), height * width, 3, generator=generator)
-    eager = official_rotate_bev(bev, angles, height, width, center)
-    monkeypatch.setattr(attention, "is_tracing_or_exporting", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the export path read the angles"))
-    exported = official_rotate_bev(bev, angles, height, width, center)
-    monkeypatch.undo()
-    torch.testing.assert_close(exported, eager, rtol=0, atol=0)
+    for dtype in (torch.float32, torch.float64):
+        bev = torch.randn(len(angles), height * width, 3, generator=generator).to(dtype)
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the rotation read the angles"))
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("the rotation read the angles"))
+        rotated = official_rotate_bev(bev, angles, height, width, center)
+        monkeypatch.undo()
+        for row, angle in enumerate(angles.tolist()):
+            expected = oracle.tv_rotate(bev[row].T.reshape(3, height, width), angle, list(center))
+            torch.testing.assert_close(rotated[row].T.reshape(3, height, width), expected, rtol=0, atol=0)
 
 
 def test_official_reference_shift_closed_form():

@@ -58,6 +58,17 @@ def _args(inputs):
     return tuple(inputs[name] for name in INPUT_NAMES)
 
 
+def assert_program_equals_eager(program, module, inputs):
+    """The exported program and the eager wrapper give the same outputs on ``inputs`` (another frame than traced)."""
+    from bevdeform.export import input_tuple
+
+    with torch.no_grad():
+        got = program.module()(*input_tuple(module, inputs))
+        expected = module(*input_tuple(module, inputs))
+    for name, a, b in zip(OUTPUT_NAMES, got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 def test_tracing_and_exporting_are_detected():
     """The value checks of the model are skipped under exactly these: torch.export (non-strict, as export_program
@@ -198,12 +209,7 @@ def test_torch_export_takes_the_op_as_one_node(small):
     targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
     assert sum(target is torch.ops.bevdeform.ms_deform_attn.default for target in targets) == \
         2 * len(model.encoder.layers) + len(model.decoder.layers)
-    other = example_frame_inputs(cfg, seed=3)
-    with torch.no_grad():
-        got = program.module()(*_args(other))
-        expected = module(*_args(other))
-    for name, a, b in zip(OUTPUT_NAMES, got, expected):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_program_equals_eager(program, module, example_frame_inputs(cfg, seed=3))
     with pytest.raises(ValueError, match="reference reads spatial shapes"):
         export_program(module, inputs, msda="reference")
 
@@ -233,12 +239,7 @@ def test_two_stage_model_exports_with_its_heatmap_proposals():
     program = export_program(module, example_frame_inputs(cfg))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert any("topk" in target for target in targets) and any("max_pool2d" in target for target in targets)
-    other = example_frame_inputs(cfg, seed=4)
-    with torch.no_grad():
-        got = program.module()(*_args(other))
-        expected = module(*_args(other))
-    for name, a, b in zip(OUTPUT_NAMES, got, expected):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_program_equals_eager(program, module, example_frame_inputs(cfg, seed=4))
 
 
 @pytest.mark.skipif(not (HAS_ONNX and HAS_ONNXRUNTIME), reason="onnx/onnxruntime not installed (the 'export' extra)")
@@ -261,11 +262,7 @@ def test_published_checkpoint_config_exports_with_a_can_bus_input(tmp_path):
         straight = dict(other, **{CAN_BUS_INPUT: other[CAN_BUS_INPUT].clone()})
         straight[CAN_BUS_INPUT][:, 17] = 0.0
         assert (module(*input_tuple(module, straight))[4] - expected[4]).abs().max() > 1e-3  # the angle matters
-    program = export_program(module, traced_on)
-    with torch.no_grad():
-        got = program.module()(*input_tuple(module, other))
-    for name, a, b in zip(OUTPUT_NAMES, got, expected):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_program_equals_eager(export_program(module, traced_on), module, other)
     path = export_onnx(module, traced_on, tmp_path / "bevformer_tiny.onnx", msda="decomposed")
     with torch.no_grad(), msda_implementation("reference"):
         reference = dict(zip(OUTPUT_NAMES, module(*input_tuple(module, other))))

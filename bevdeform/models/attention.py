@@ -245,42 +245,21 @@ def align_prev_bev(prev_bev: torch.Tensor, ego_prev2curr: torch.Tensor, bev_h: i
     return aligned.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, C, H*W) -> (B, H*W, C)
 
 
-def _torchvision_rotate_grid(angle_deg: float, height: int, width: int, center_px: Sequence[float],
-                             dtype: torch.dtype, device) -> torch.Tensor:
-    """The sampling grid (1, H, W, 2) of ``torchvision.transforms.functional.rotate(img, angle_deg,
-    center=center_px)`` (expand False) for an (H, W) image, for ``grid_sample(align_corners=False)``.
+def _torchvision_rotate_grid(angle_deg: torch.Tensor, height: int, width: int, center_px: Sequence[float],
+                                     dtype: torch.dtype) -> torch.Tensor:
+    """The sampling grids (B, H, W, 2) of ``torchvision.transforms.functional.rotate(img, angle_deg[b],
+    center=center_px)`` (expand False) for an (H, W) image, for ``grid_sample(align_corners=False)``; the angles
+    stay tensors (exports keep them an input).
 
     torchvision's arithmetic, step for step, so that nearest sampling rounds exactly as it does: the inverse
-    affine matrix in Python doubles for the angle -angle_deg about ``center - size / 2`` (torchvision's centred
-    pixel coordinates), cast to the image dtype; the output pixel centres ``j - W/2 + 0.5``, ``i - H/2 + 0.5`` as
-    linspaces; one bmm with the matrix divided by (W/2, H/2). In pixel indices the result samples, for output pixel
-    p = (j, i), the input at ``R(angle) (p + 0.5 - center) + center - 0.5`` with R the rotation matrix
-    [[cos, -sin], [sin, cos]] (x = column, y = row): `tests/test_compat_model.py` checks that per pixel.
+    affine matrix in doubles (float64 tensors here, Python floats there) for the angle -angle_deg about
+    ``center - size / 2`` (torchvision's centred pixel coordinates), cast to the image dtype; the output pixel
+    centres ``j - W/2 + 0.5``, ``i - H/2 + 0.5`` as linspaces; one bmm with the matrix divided by (W/2, H/2). In
+    pixel indices the result samples, for output pixel p = (j, i), the input at ``R(angle) (p + 0.5 - center) +
+    center - 0.5`` with R the rotation matrix [[cos, -sin], [sin, cos]] (x = column, y = row):
+    `tests/test_compat_model.py` checks that per pixel, and bit for bit against a transcription of torchvision's
+    code path with Python floats.
     """
-    rot = math.radians(-angle_deg)
-    centre_x = float(center_px[0]) - width * 0.5
-    centre_y = float(center_px[1]) - height * 0.5
-    # Inverse of [[cos, -sin], [sin, cos]] at -angle (shear 0, scale 1): rows (cos rot, sin rot), (-sin rot, cos rot)
-    m00, m01 = math.cos(rot), math.sin(rot)
-    m10, m11 = -math.sin(rot), math.cos(rot)
-    m02 = (m00 * -centre_x + m01 * -centre_y) + centre_x
-    m12 = (m10 * -centre_x + m11 * -centre_y) + centre_y
-    theta = torch.tensor([[m00, m01, m02], [m10, m11, m12]], dtype=dtype, device=device)  # (2, 3)
-    base = torch.empty(1, height, width, 3, dtype=dtype, device=device)
-    base[..., 0].copy_(torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device))
-    base[..., 1].copy_(torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height,
-                                      device=device).unsqueeze(-1))
-    base[..., 2].fill_(1.0)
-    # (2, 3) -> (1, 3, 2), columns divided by (W/2, H/2) -> normalised grid units
-    scaled = theta.t()[None] / torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device)
-    return base.view(1, height * width, 3).bmm(scaled).view(1, height, width, 2)  # (1, H*W, 2) -> (1, H, W, 2)
-
-
-def _torchvision_rotate_grid_batched(angle_deg: torch.Tensor, height: int, width: int, center_px: Sequence[float],
-                                     dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_torchvision_rotate_grid` for a (B,) tensor of angles, without reading them into Python: the same
-    arithmetic in float64 tensors (Python's doubles) up to the cast of the matrix to ``dtype``, so that exports
-    (torch.export, ONNX) keep the angle an input. Returns (B, H, W, 2)."""
     rot = -angle_deg.to(torch.float64) * (math.pi / 180.0)  # (B,) radians, as math.radians(-angle)
     centre_x = float(center_px[0]) - width * 0.5
     centre_y = float(center_px[1]) - height * 0.5
@@ -292,8 +271,9 @@ def _torchvision_rotate_grid_batched(angle_deg: torch.Tensor, height: int, width
     theta = torch.stack((torch.stack((m00, m01, m02), dim=-1), torch.stack((m10, m11, m12), dim=-1)), dim=1)
     theta = theta.to(dtype)
     device = angle_deg.device
-    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device, dtype=dtype)
-    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, device=device, dtype=dtype)
+    # torchvision's linspaces are float32 (the default dtype), copied into a grid of the image dtype
+    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, device=device).to(dtype)
+    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, device=device).to(dtype)
     base = torch.stack((xs[None, :].expand(height, width), ys[:, None].expand(height, width),
                         torch.ones(height, width, dtype=dtype, device=device)), dim=-1)  # (H, W, 3)
     # (B, 2, 3) -> (B, 3, 2), columns divided by (W/2, H/2) -> normalised grid units
@@ -313,9 +293,9 @@ def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: 
     (`official_reference_shift`).
 
     Args:
-        prev_bev: (B, bev_h * bev_w, C). angle_deg: (B,) degrees (the CAN-bus yaw delta, ``can_bus[:, 17]``); read
-            into Python floats, as the official code reads it from the image metas. While exporting or compiling
-            the angles stay tensors (:func:`_torchvision_rotate_grid_batched`, the same arithmetic; tested equal).
+        prev_bev: (B, bev_h * bev_w, C). angle_deg: (B,) degrees (the CAN-bus yaw delta, ``can_bus[:, 17]``), used
+            in float64 as the official code uses the numpy value of its image metas, but never read into Python,
+            so that exports keep it an input.
     Returns:
         (B, bev_h * bev_w, C).
     """
@@ -325,21 +305,11 @@ def official_rotate_bev(prev_bev: torch.Tensor, angle_deg: torch.Tensor, bev_h: 
     batch, num_cells, channels = prev_bev.shape
     if tuple(angle_deg.shape) != (batch,):
         raise ValueError(f"official_rotate_bev: angle_deg must be (B={batch},) degrees, got {tuple(angle_deg.shape)}")
-    if is_tracing_or_exporting():
-        grid = _torchvision_rotate_grid_batched(angle_deg, bev_h, bev_w, center_px, prev_bev.dtype)  # (B, H, W, 2)
-        # (B, H*W, C) -> (B, C, H*W) -> (B, C, H, W): row i along y, column j along x
-        image = prev_bev.transpose(1, 2).reshape(batch, channels, bev_h, bev_w)
-        out = F.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return out.reshape(batch, channels, num_cells).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-    angles = [float(a) for a in angle_deg.detach().double().cpu().tolist()]
-    rotated = []
-    for row, angle in enumerate(angles):
-        grid = _torchvision_rotate_grid(angle, bev_h, bev_w, center_px, prev_bev.dtype, prev_bev.device)
-        # (H*W, C) -> (C, H*W) -> (1, C, H, W): row i along y, column j along x
-        image = prev_bev[row].transpose(0, 1).reshape(1, channels, bev_h, bev_w)
-        out = F.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        rotated.append(out.reshape(channels, num_cells).transpose(0, 1))  # (1, C, H, W) -> (C, H*W) -> (H*W, C)
-    return torch.stack(rotated)
+    grid = _torchvision_rotate_grid(angle_deg, bev_h, bev_w, center_px, prev_bev.dtype)  # (B, H, W, 2)
+    # (B, H*W, C) -> (B, C, H*W) -> (B, C, H, W): row i along y, column j along x
+    image = prev_bev.transpose(1, 2).reshape(batch, channels, bev_h, bev_w)
+    out = F.grid_sample(image, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.reshape(batch, channels, num_cells).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
 
 
 def official_reference_shift(can_bus: torch.Tensor, bev_h: int, bev_w: int,
