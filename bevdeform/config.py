@@ -138,6 +138,8 @@ class DecoderConfig:
     # learned (BEVFormer) | heatmap (two-stage: queries start at the BEV heatmap's peaks; needs
     # model.loss.bev_heatmap_weight > 0, and the heatmap head then runs at inference too)
     query_init: str = "learned"
+    # the velocity outputs of the regression branch times this are (vx, vy) in m/s; 1.0 = BEVFormer (raw m/s)
+    velocity_scale_mps: float = 1.0
 
 
 @dataclass
@@ -632,6 +634,7 @@ def build_model(cfg: Config):
         point_cloud_range_m=bev_range_m,
         dropout=m.decoder.dropout,
         query_init=m.decoder.query_init,
+        velocity_scale_mps=m.decoder.velocity_scale_mps,
     )
     loss = DetectionLoss(
         num_classes=len(d.class_names),

@@ -670,3 +670,25 @@ def test_two_stage_detector_trains_predicts_and_streams():
     for t in range(2):
         streamed = streaming.step(*[x[:1] for x in frame(batch, t)], scene_tokens=["scene0"])
         assert streamed[0]["boxes"].shape[1] == 9
+
+
+def test_velocity_scale_multiplies_only_the_velocity_outputs():
+    """velocity_scale_mps: code dims 8, 9 (vx, vy, m/s) are the branch's outputs times the scale; every other dim is
+    untouched, and the loss sees the scaled velocity (so the gradient reaching the branch is scaled too)."""
+    raw, scaled = [], []
+    for scale, store in ((1.0, raw), (10.0, scaled)):
+        torch.manual_seed(0)
+        decoder = DetectionDecoder(32, 2, 20, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, dropout=0.0,
+                                   velocity_scale_mps=scale)
+        outputs = []
+        decoder.reg_branches[-1].register_forward_hook(lambda module, inputs, output: outputs.append(output))
+        _, codes = decoder(torch.randn(2, 8 * 12, 32, generator=torch.Generator().manual_seed(1)))
+        store.extend([codes[-1], outputs[0]])
+    torch.testing.assert_close(scaled[1], raw[1])  # same branch outputs (same weights and inputs)
+    torch.testing.assert_close(scaled[0][..., 8:10], 10.0 * raw[1][..., 8:10])
+    torch.testing.assert_close(scaled[0][..., :8], raw[0][..., :8])
+    torch.testing.assert_close(raw[0][..., 8:10], raw[1][..., 8:10])  # BEVFormer's default: raw m/s
+    with pytest.raises(ValueError, match="velocity_scale_mps"):
+        DetectionDecoder(32, 1, 4, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, velocity_scale_mps=0.0)
+    cfg = load_config("bev_nano", ["model.decoder.velocity_scale_mps=10"])
+    assert build_model(cfg).decoder.velocity_scale_mps == 10.0
