@@ -437,14 +437,15 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
                   num_layers: int = 3, num_queries: int = 150, lr: float = 1e-3, batch_size: int = 2,
                   seed: int = 0, version: str = "v1.0-synthetic", eval_split: str = "synthetic_val",
                   class_names: Sequence[str] | None = None, loss_kwargs: dict[str, Any] | None = None,
-                  name: str | None = None) -> dict[str, Any]:
+                  name: str | None = None, velocity_scale_mps: float = 1.0) -> dict[str, Any]:
     """Train bev_nano's detection decoder and loss (its dims, layers, queries, matcher and loss weights) on
     :func:`gt_bev_features` (through a learned Linear(20, embed_dims)) of the training frames, then score the
     held-out frames with the devkit. What the head path learns when the BEV carries the answer: a yaw that
     cannot be learnt here is lost in the head, matcher, loss, decoding or evaluation, not in the images.
 
     ``loss_kwargs`` go to :class:`DetectionLoss` (cls_weight, reg_weight, code_weights: the matcher follows
-    cls_weight and reg_weight); the results land in ``out_dir / (name or 'gt_bev_<heading>')``.
+    cls_weight and reg_weight); ``velocity_scale_mps`` goes to the decoder (its velocity outputs' factor); the results
+    land in ``out_dir / (name or 'gt_bev_<heading>')``.
 
     Returns ``{heading, steps, wall_s, metrics, yaw_pairs, loss_curve}``.
     """
@@ -467,7 +468,7 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
                                                    len(class_names)) for i in range(len(ds))])
                 for name, ds in datasets.items()}  # (F, H*W, 20)
     decoder = DetectionDecoder(embed_dims, num_layers, num_queries, 4, 4, 2 * embed_dims, len(class_names), 10,
-                               bev_h, bev_w, point_cloud_range_m)
+                               bev_h, bev_w, point_cloud_range_m, velocity_scale_mps=velocity_scale_mps)
     lift = torch.nn.Linear(GT_BEV_CHANNELS, embed_dims)
     loss_fn = DetectionLoss(num_classes=len(class_names), **dict(loss_kwargs or {}))
     params = list(decoder.parameters()) + list(lift.parameters())
