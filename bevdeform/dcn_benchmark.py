@@ -136,7 +136,8 @@ def gemms_of_forward_backward(shape: Shape, dtype: torch.dtype, device: str) -> 
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["shape", "dtype", "ref fwd ms", "native fwd ms", "fwd x", "ref fwd+bwd ms", "native fwd+bwd ms",
-              "fwd+bwd x", "3 GEMMs ms", "fwd+bwd x bound", "peak MiB ref / native fwd", "peak MiB ref / native fwd+bwd", "rel diff"]
+              "fwd+bwd x", "3 GEMMs ms", "fwd+bwd x bound", "peak MiB ref / native fwd",
+              "peak MiB ref / native fwd+bwd", "rel diff"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["name"], r["dtype"], f"{r['reference_fwd_ms']:.1f}", f"{r['native_fwd_ms']:.1f}",

@@ -595,7 +595,8 @@ def test_heatmap_proposals_start_at_the_peaks_cell_centres_with_their_bev_featur
     bev = torch.randn(1, 8 * 12, 32)
     queries, query_pos, reference, labels, cells = decoder.heatmap_proposals(bev, planted_heatmap(peaks))
     assert labels.tolist() == [[0, 8, 3]] and cells.tolist() == [[2 * 12 + 9, 6 * 12 + 1, 0]]
-    expected_xy = torch.tensor([[(9 + 0.5) / 12, (2 + 0.5) / 8], [(1 + 0.5) / 12, (6 + 0.5) / 8], [0.5 / 12, 0.5 / 8]])
+    expected_xy = torch.tensor([[(9 + 0.5) / 12, (2 + 0.5) / 8], [(1 + 0.5) / 12, (6 + 0.5) / 8],
+                                [0.5 / 12, 0.5 / 8]])
     torch.testing.assert_close(reference[0, :, :2], expected_xy)
     assert (reference[..., 2] == 0.5).all()
     for q, (cell, label) in enumerate(zip(cells[0].tolist(), labels[0].tolist())):

@@ -246,7 +246,7 @@ def align_prev_bev(prev_bev: torch.Tensor, ego_prev2curr: torch.Tensor, bev_h: i
 
 
 def _torchvision_rotate_grid(angle_deg: torch.Tensor, height: int, width: int, center_px: Sequence[float],
-                                     dtype: torch.dtype) -> torch.Tensor:
+                             dtype: torch.dtype) -> torch.Tensor:
     """The sampling grids (B, H, W, 2) of ``torchvision.transforms.functional.rotate(img, angle_deg[b],
     center=center_px)`` (expand False) for an (H, W) image, for ``grid_sample(align_corners=False)``; the angles
     stay tensors (exports keep them an input).

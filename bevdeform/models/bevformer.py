@@ -129,7 +129,9 @@ class BEVFormer(nn.Module):
         self.decoder = decoder
         self.loss = loss
         self.bev_heatmap_head = bev_heatmap_head
-        if getattr(decoder, "query_init", "learned") == "heatmap" and bev_heatmap_head is None:
+        # The decoder's queries start at the heatmap's peaks (query_init='heatmap'): the head runs every frame.
+        self.queries_from_heatmap = getattr(decoder, "query_init", "learned") == "heatmap"
+        if self.queries_from_heatmap and bev_heatmap_head is None:
             raise ValueError("BEVFormer: the decoder's queries start at the BEV heatmap's peaks (query_init='heatmap') "
                              "but there is no bev_heatmap_head (model.loss.bev_heatmap_weight must be > 0)")
         self.num_cameras = int(num_cameras)
@@ -267,7 +269,7 @@ class BEVFormer(nn.Module):
         if not run_decoder:
             return DetectorOutput(bev=bev, all_cls_logits=None, all_box_codes=None, num_visible_pairs=pairs.num_pairs)
         heatmap_logits = None
-        if getattr(self.decoder, "query_init", "learned") == "heatmap":
+        if self.queries_from_heatmap:
             heatmap_logits = self.bev_heatmap_head(bev)  # (B, K, bev_h, bev_w): the queries start at its peaks
         all_cls_logits, all_box_codes = self.decoder(bev, heatmap_logits)
         return DetectorOutput(bev=bev, all_cls_logits=all_cls_logits, all_box_codes=all_box_codes,
