@@ -154,6 +154,10 @@ class LossConfig:
     # Auxiliary dense BEV centre-heatmap loss (bevdeform.models.bev_heatmap, training only): 0 builds no head, as
     # BEVFormer; > 0 adds BEVHeatmapHead with this weight, which speeds up learning from scratch (bev_nano).
     bev_heatmap_weight: float = 0.0
+    # Auxiliary dense box regression at the ground-truth centre cells of the BEV (bev_heatmap.BEVBoxRegressionHead,
+    # training only; CenterPoint's regression heads): 0 builds no head; > 0 its weight. Its velocity unit is
+    # model.decoder.velocity_scale_mps.
+    bev_box_weight: float = 0.0
 
 
 @dataclass
@@ -557,7 +561,7 @@ def build_model(cfg: Config):
     """
     # Imported here so that reading a config does not import torch.
     from bevdeform.models.backbone import ResNet
-    from bevdeform.models.bev_heatmap import BEVHeatmapHead
+    from bevdeform.models.bev_heatmap import BEVBoxRegressionHead, BEVHeatmapHead
     from bevdeform.models.bevformer import BEVFormer
     from bevdeform.models.decoder import DetectionDecoder
     from bevdeform.models.encoder import BEVEncoder
@@ -656,6 +660,18 @@ def build_model(cfg: Config):
             point_cloud_range_m=bev_range_m,
             weight=m.loss.bev_heatmap_weight,
         )
+    if m.loss.bev_box_weight < 0:
+        raise ValueError(f"model.loss.bev_box_weight={m.loss.bev_box_weight}, expected >= 0 (0 = no head)")
+    bev_box_head = None
+    if m.loss.bev_box_weight > 0:
+        bev_box_head = BEVBoxRegressionHead(
+            embed_dims=m.embed_dims,
+            bev_h=m.encoder.bev_h,
+            bev_w=m.encoder.bev_w,
+            point_cloud_range_m=bev_range_m,
+            weight=m.loss.bev_box_weight,
+            velocity_scale_mps=m.decoder.velocity_scale_mps,
+        )
     return BEVFormer(
         backbone=backbone,
         neck=neck,
@@ -668,6 +684,7 @@ def build_model(cfg: Config):
         post_center_range_m=m.post_center_range_m,
         bev_heatmap_head=bev_heatmap_head,
         input_frame=m.frame,
+        bev_box_head=bev_box_head,
     )
 
 

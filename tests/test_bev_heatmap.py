@@ -1,4 +1,5 @@
-"""The auxiliary BEV centre-heatmap head: target frames, the loss against a float64 brute force, the BEV layout."""
+"""The auxiliary BEV heads: centre heatmaps (target frames, the loss against a float64 brute force, the BEV layout)
+and the dense box regression at the centre cells (targets by hand, the cell it reads, that it learns)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from bevdeform.models.bev_grid import bev_cell_centres_xy
-from bevdeform.models.bev_heatmap import BEVHeatmapHead, heatmap_focal_loss, render_centre_heatmaps
+from bevdeform.models.bev_heatmap import (BEVBoxRegressionHead, BEVHeatmapHead, centre_cell_box_targets,
+                                         heatmap_focal_loss, render_centre_heatmaps)
 
 RANGE_M = (-32.0, -32.0, -3.0, 32.0, 32.0, 5.0)
 
@@ -120,3 +122,71 @@ def test_head_loss_trains_the_head_to_find_an_object():
     with torch.no_grad():
         prob = head(bev).sigmoid()[0, 2]  # (16, 16)
     assert divmod(int(prob.argmax()), 16) == (5, 11)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense box regression at the centre cells (model.loss.bev_box_weight)
+# ----------------------------------------------------------------------------------------------------------------
+def test_box_targets_by_hand_on_a_non_square_grid():
+    # 8 rows (along y, 8 m cells) x 16 columns (along x, 4 m cells) over +-32 m.
+    boxes = torch.tensor([
+        [10.5, -4.5, 0.7, 1.8, 4.5, 1.6, 0.3, 7.0, -2.0],   # column (10.5 + 32) / 4 = 10.625, row 27.5 / 8 = 3.4375
+        [-31.0, 31.0, -0.2, 0.6, 0.8, 1.7, -2.5, 0.0, 1.0],  # column 0.25, row 7.875
+        [40.0, 0.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0],     # outside the grid: dropped
+    ])
+    cells, targets = centre_cell_box_targets(boxes, bev_h=8, bev_w=16, point_cloud_range_m=RANGE_M,
+                                             velocity_scale_mps=10.0)
+    assert cells.tolist() == [3 * 16 + 10, 7 * 16 + 0]
+    expected = torch.tensor([
+        [0.125, -0.0625, math.log(1.8), math.log(4.5), 0.7, math.log(1.6), math.sin(0.3), math.cos(0.3), 0.7, -0.2],
+        [-0.25, 0.375, math.log(0.6), math.log(0.8), -0.2, math.log(1.7), math.sin(-2.5), math.cos(-2.5), 0.0, 0.1],
+    ])
+    torch.testing.assert_close(targets, expected)
+
+
+def test_box_loss_reads_the_centre_cell_and_is_zero_only_for_the_right_codes():
+    torch.manual_seed(0)
+    bev_h, bev_w, channels = 6, 10, 8
+    head = BEVBoxRegressionHead(channels, bev_h, bev_w, RANGE_M, weight=0.5, velocity_scale_mps=10.0)
+    boxes = [torch.tensor([[5.0, -13.0, 0.5, 1.8, 4.5, 1.6, 2.0, 6.0, -3.0]]), torch.zeros(0, 9)]
+    cells, targets = centre_cell_box_targets(boxes[0], bev_h, bev_w, RANGE_M, 10.0)
+    codes = torch.randn(2, 10, bev_h, bev_w)
+    codes.view(2, 10, -1)[0, :, cells[0]] = targets[0]
+    head.forward = lambda bev: codes  # the loss must read exactly that cell of sample 0
+    assert head.loss(torch.zeros(2, bev_h * bev_w, channels), boxes).item() == pytest.approx(0.0, abs=1e-6)
+    transposed = codes.view(2, 10, bev_h, bev_w).clone()
+    row, col = divmod(int(cells[0]), bev_w)
+    transposed[0, :, row, col] = 0.0
+    transposed[0, :, col % bev_h, row % bev_w] = targets[0]
+    head.forward = lambda bev: transposed
+    wrong = head.loss(torch.zeros(2, bev_h * bev_w, channels), boxes).item()
+    assert wrong == pytest.approx(0.5 * targets[0].abs().sum().item(), rel=1e-5)
+
+
+def test_box_head_learns_a_planted_objects_velocity_and_heading():
+    torch.manual_seed(0)
+    head = BEVBoxRegressionHead(16, 16, 16, RANGE_M, weight=1.0, velocity_scale_mps=10.0)
+    bev = torch.zeros(2, 256, 16)
+    bev[0, 5 * 16 + 11] = torch.randn(16)  # a distinctive feature at row 5, column 11
+    bev[1, 9 * 16 + 2] = torch.randn(16)
+    gt = [torch.tensor([[-32 + 11.5 * 4, -32 + 5.5 * 4, 0.5, 1.8, 4.5, 1.6, 2.5, 8.0, -4.0]]),
+          torch.tensor([[-32 + 2.3 * 4, -32 + 9.5 * 4, 0.2, 0.7, 0.8, 1.7, -1.0, -1.0, 1.5]])]
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, 300)
+    for _ in range(300):
+        loss = head.loss(bev, gt)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    with torch.no_grad():
+        codes = head(bev)
+    for b, (row, col) in enumerate(((5, 11), (9, 2))):
+        velocity = 10.0 * codes[b, 8:10, row, col]
+        yaw = torch.atan2(codes[b, 6, row, col], codes[b, 7, row, col])
+        torch.testing.assert_close(velocity, gt[b][0, 7:9], atol=0.3, rtol=0.0)
+        assert abs(float(yaw) - float(gt[b][0, 6])) < 0.1
+    with pytest.raises(ValueError, match="bev must be"):
+        head(torch.zeros(2, 255, 16))
+    with pytest.raises(ValueError, match="velocity_scale_mps"):
+        BEVBoxRegressionHead(16, 16, 16, RANGE_M, velocity_scale_mps=0.0)

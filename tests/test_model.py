@@ -569,6 +569,39 @@ def test_bev_heatmap_head_is_built_from_the_config_adds_its_loss_and_is_skipped_
         build_model(bad)
 
 
+def test_bev_box_head_is_built_from_the_config_adds_its_loss_and_is_skipped_at_inference():
+    cfg = tiny_config()
+    assert build_model(cfg).bev_box_head is None  # weight 0: no head
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, loss=dataclasses.replace(cfg.model.loss, bev_box_weight=0.5),
+        decoder=dataclasses.replace(cfg.model.decoder, velocity_scale_mps=10.0)))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    head = model.bev_box_head
+    assert head.weight == 0.5 and head.velocity_scale_mps == 10.0 and (head.bev_h, head.bev_w) == (16, 16)
+    assert head.point_cloud_range_m == tuple(RANGE)
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    batch = make_batch(2, 2)
+    model.train()
+    losses = model.forward_train(batch)
+    assert losses["loss_bev_box"] > 0
+    others = sum(v for k, v in losses.items() if k not in ("loss", "loss_bev_box"))
+    torch.testing.assert_close(losses["loss"], others + losses["loss_bev_box"])
+    model.zero_grad()
+    losses["loss_bev_box"].backward()  # the dense regression alone trains the encoder (TSA included)
+    tsa = model.encoder.layers[0].temporal_attention
+    assert tsa.sampling_offsets.weight.grad.abs().max() > 0
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.backbone.parameters())
+    model.eval()
+    model.predict(batch)
+    assert len(seen) == 1  # training only
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, loss=dataclasses.replace(cfg.model.loss, bev_box_weight=-1.0)))
+    with pytest.raises(ValueError, match="bev_box_weight"):
+        build_model(bad)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Two-stage query initialisation (model.decoder.query_init: heatmap)
 # ----------------------------------------------------------------------------------------------------------------

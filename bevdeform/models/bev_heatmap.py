@@ -23,8 +23,27 @@ import torch
 from torch import nn
 
 from bevdeform.models.bev_grid import check_point_cloud_range
+from bevdeform.models.head import CODE_SIZE, encode_boxes
 
-__all__ = ["BEVHeatmapHead", "render_centre_heatmaps", "heatmap_focal_loss"]
+__all__ = ["BEVHeatmapHead", "BEVBoxRegressionHead", "render_centre_heatmaps", "centre_cell_box_targets",
+           "heatmap_focal_loss"]
+
+
+def _conv_norm_relu(channels: int) -> nn.Sequential:
+    """Conv3x3(C, C, no bias) + GroupNorm(gcd(C, 32) groups) + ReLU: the hidden layer of the BEV heads."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.GroupNorm(math.gcd(channels, 32), channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _bev_as_image(bev: torch.Tensor, bev_h: int, bev_w: int, channels: int, owner: str) -> torch.Tensor:
+    """``(B, bev_h * bev_w, C)`` row-major BEV -> ``(B, C, bev_h, bev_w)``; a ValueError naming ``owner`` otherwise."""
+    if bev.dim() != 3 or bev.shape[1] != bev_h * bev_w or bev.shape[2] != channels:
+        raise ValueError(f"{owner}: bev must be (B, bev_h*bev_w={bev_h * bev_w}, C={channels}), got "
+                         f"{tuple(bev.shape)}")
+    return bev.transpose(1, 2).reshape(bev.shape[0], channels, bev_h, bev_w)  # (B, HW, C) -> (B, C, H, W)
 
 
 class BEVHeatmapHead(nn.Module):
@@ -53,21 +72,12 @@ class BEVHeatmapHead(nn.Module):
         self.weight = float(weight)
         self.bev_h = int(bev_h)
         self.bev_w = int(bev_w)
-        num_groups = math.gcd(self.embed_dims, 32)
-        self.hidden = nn.Sequential(
-            nn.Conv2d(embed_dims, embed_dims, kernel_size=3, padding=1, bias=False),
-            nn.GroupNorm(num_groups, embed_dims),
-            nn.ReLU(inplace=True),
-        )
+        self.hidden = _conv_norm_relu(self.embed_dims)
         self.logits = nn.Conv2d(embed_dims, num_classes, kernel_size=1)
         nn.init.constant_(self.logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
 
     def forward(self, bev: torch.Tensor) -> torch.Tensor:
-        batch_size = bev.shape[0]
-        if bev.dim() != 3 or bev.shape[1] != self.bev_h * self.bev_w or bev.shape[2] != self.embed_dims:
-            raise ValueError(f"BEVHeatmapHead: bev must be (B, bev_h*bev_w={self.bev_h * self.bev_w}, "
-                             f"C={self.embed_dims}), got {tuple(bev.shape)}")
-        image = bev.transpose(1, 2).reshape(batch_size, self.embed_dims, self.bev_h, self.bev_w)  # (B, HW, C) -> (B, C, H, W)
+        image = _bev_as_image(bev, self.bev_h, self.bev_w, self.embed_dims, "BEVHeatmapHead")  # (B, C, H, W)
         return self.logits(self.hidden(image))  # (B, K, H, W)
 
     def loss(self, bev: torch.Tensor, gt_boxes: Sequence[torch.Tensor], gt_labels: Sequence[torch.Tensor],
@@ -83,6 +93,95 @@ class BEVHeatmapHead(nn.Module):
         targets = render_centre_heatmaps(gt_boxes, gt_labels, self.num_classes, self.bev_h, self.bev_w,
                                          self.point_cloud_range_m).to(logits.device)
         return self.weight * heatmap_focal_loss(logits, targets)
+
+
+class BEVBoxRegressionHead(nn.Module):
+    """Dense box regression at the ground-truth centre cells of the BEV (CenterPoint's regression heads; training
+    only, a bevdeform option: ``model.loss.bev_box_weight``).
+
+    The heatmap head teaches the BEV where objects are; this one teaches the cell holding an object's centre what
+    the object is like: its centre within the cell, height, size, heading and velocity. The decoder's set loss
+    reaches those through the few cells its queries sample, so without it the encoder learns heading slowly and
+    velocity (which it can read only by comparing the current BEV with the aligned previous BEV in temporal
+    self-attention) hardly at all. Inference never runs it.
+
+    Conv3x3(C, C) + GroupNorm + ReLU, then Conv1x1(C, 10) -> per cell the code of :func:`centre_cell_box_targets`:
+    ``(dx, dy, log w, log l, z, log h, sin yaw, cos yaw, vx / s, vy / s)``, ``(dx, dy)`` the centre's offset from
+    the cell centre in cells, ``s = velocity_scale_mps``. Loss: ``weight * sum |code - target| / num_boxes`` over
+    the centre cells of the in-range boxes (L1, as the decoder's).
+
+    Args:
+        embed_dims: C. bev_h, bev_w: grid rows (along ego y) and columns (along ego x).
+        point_cloud_range_m: ``(x_min, y_min, z_min, x_max, y_max, z_max)``, the grid's extent, metres.
+        weight: factor of :meth:`loss`.
+        velocity_scale_mps: the head predicts velocity in units of this many m/s (a raw-m/s output moves too
+            slowly under L1 and Adam, docs/benchmarks.md).
+    Forward: ``bev (B, bev_h * bev_w, C) -> codes (B, 10, bev_h, bev_w)``.
+    """
+
+    def __init__(self, embed_dims: int, bev_h: int, bev_w: int, point_cloud_range_m: Sequence[float],
+                 weight: float = 1.0, velocity_scale_mps: float = 1.0):
+        super().__init__()
+        if min(embed_dims, bev_h, bev_w) < 1 or not velocity_scale_mps > 0:
+            raise ValueError(f"BEVBoxRegressionHead: embed_dims={embed_dims}, bev_h={bev_h}, bev_w={bev_w} must be "
+                             f">= 1 and velocity_scale_mps={velocity_scale_mps} > 0")
+        self.embed_dims, self.bev_h, self.bev_w = int(embed_dims), int(bev_h), int(bev_w)
+        self.point_cloud_range_m = check_point_cloud_range(point_cloud_range_m)
+        self.weight = float(weight)
+        self.velocity_scale_mps = float(velocity_scale_mps)
+        self.hidden = _conv_norm_relu(self.embed_dims)
+        self.codes = nn.Conv2d(embed_dims, CODE_SIZE, kernel_size=1)
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        image = _bev_as_image(bev, self.bev_h, self.bev_w, self.embed_dims, "BEVBoxRegressionHead")  # (B, C, H, W)
+        return self.codes(self.hidden(image))  # (B, 10, H, W)
+
+    def loss(self, bev: torch.Tensor, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The weighted L1 loss at the centre cells, a scalar (0, still connected to the graph, without boxes).
+
+        Args: bev (B, bev_h * bev_w, C); gt_boxes: B tensors (n_b, 9) ``[x, y, z, w, l, h, yaw, vx, vy]``, the
+            frame the model predicts in.
+        """
+        codes = self(bev).flatten(2)  # (B, 10, H, W) -> (B, 10, H*W)
+        total = codes.sum() * 0.0
+        num_boxes = 0
+        for b, boxes in enumerate(gt_boxes):
+            cells, targets = centre_cell_box_targets(boxes.to(codes.device), self.bev_h, self.bev_w,
+                                                     self.point_cloud_range_m, self.velocity_scale_mps)
+            if cells.numel() == 0:
+                continue
+            predicted = codes[b][:, cells].transpose(0, 1)  # (10, m) -> (m, 10)
+            total = total + (predicted - targets.to(predicted.dtype)).abs().sum()
+            num_boxes += int(cells.numel())
+        return self.weight * total / max(num_boxes, 1)
+
+
+def centre_cell_box_targets(
+    boxes: torch.Tensor, bev_h: int, bev_w: int, point_cloud_range_m: Sequence[float], velocity_scale_mps: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BEV cell holding each box centre and the box's code relative to that cell.
+
+    Args:
+        boxes: (n, 9) ``[x, y, z, w, l, h, yaw, vx, vy]``, metres / radians / m/s, in the grid's frame.
+        bev_h, bev_w, point_cloud_range_m: the grid (module docstring: cell ``(i, j)``, row ``i`` along y).
+        velocity_scale_mps: velocity unit of the code.
+    Returns:
+        cells (m,) int64 ``i * bev_w + j`` of the m boxes whose centre lies in the grid's (x, y) range;
+        targets (m, 10) float32 ``(dx, dy, log w, log l, z, log h, sin yaw, cos yaw, vx / s, vy / s)``, ``dx, dy``
+        the centre minus the cell centre in cells (in [-0.5, 0.5)).
+    """
+    x_min, y_min, _, x_max, y_max, _ = check_point_cloud_range(point_cloud_range_m)
+    boxes = boxes.detach().float()
+    cell_x, cell_y = (x_max - x_min) / bev_w, (y_max - y_min) / bev_h
+    col_f = (boxes[:, 0] - x_min) / cell_x  # (n,) in cells along x
+    row_f = (boxes[:, 1] - y_min) / cell_y  # (n,) in cells along y
+    col, row = torch.floor(col_f), torch.floor(row_f)
+    inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
+    codes = encode_boxes(boxes[inside])  # (m, 10) (cx, cy, log w, log l, cz, log h, sin, cos, vx, vy)
+    offsets = torch.stack((col_f[inside] - col[inside] - 0.5, row_f[inside] - row[inside] - 0.5), dim=-1)  # (m, 2)
+    targets = torch.cat((offsets, codes[:, 2:8], codes[:, 8:10] / velocity_scale_mps), dim=-1)  # (m, 10)
+    cells = (row[inside] * bev_w + col[inside]).long()  # (m,)
+    return cells, targets
 
 
 def render_centre_heatmaps(

@@ -85,6 +85,9 @@ class BEVFormer(nn.Module):
         bev_heatmap_head: optional training-only auxiliary head on the current frame's BEV
             (``bev_heatmap.BEVHeatmapHead``): its ``loss(bev, gt_boxes, gt_labels)`` joins the losses as
             ``loss_bev_heatmap``. Inference never runs it.
+        bev_box_head: optional training-only auxiliary head (``bev_heatmap.BEVBoxRegressionHead``): its
+            ``loss(bev, gt_boxes)`` (dense box regression at the centre cells) joins the losses as ``loss_bev_box``.
+            Inference never runs it.
         input_frame: 'ego' (default) or 'lidar': which camera matrices and ego-motion input the batch paths
             (:meth:`forward_train`, :meth:`predict`, :class:`StreamingBEVFormer`) feed to :meth:`forward_frame`
             (docs/model.md "BEVFormer compatibility").
@@ -106,6 +109,7 @@ class BEVFormer(nn.Module):
         post_center_range_m: Sequence[float] | None = DEFAULT_POST_CENTER_RANGE_M,
         bev_heatmap_head: nn.Module | None = None,
         input_frame: str = "ego",
+        bev_box_head: nn.Module | None = None,
     ):
         super().__init__()
         if input_frame not in ("ego", "lidar"):
@@ -129,6 +133,7 @@ class BEVFormer(nn.Module):
         self.decoder = decoder
         self.loss = loss
         self.bev_heatmap_head = bev_heatmap_head
+        self.bev_box_head = bev_box_head
         # The decoder's queries start at the heatmap's peaks (query_init='heatmap'): the head runs every frame.
         self.queries_from_heatmap = getattr(decoder, "query_init", "learned") == "heatmap"
         if self.queries_from_heatmap and bev_heatmap_head is None:
@@ -400,7 +405,8 @@ class BEVFormer(nn.Module):
             batch: docs/data-format.md, with ``gt_boxes`` (B tensors (n_b, 9), ego frame) and ``gt_labels``.
         Returns:
             ``DetectionLoss``'s dict: ``loss_cls_layer{i}``, ``loss_bbox_layer{i}`` and their sum ``loss``; with a
-            ``bev_heatmap_head`` also ``loss_bev_heatmap``, included in ``loss``.
+            ``bev_heatmap_head`` also ``loss_bev_heatmap``, with a ``bev_box_head`` ``loss_bev_box``, included in
+            ``loss``.
         """
         self.check_batch(batch, with_targets=True)
         prev_bev = self.history_bev(batch)
@@ -415,6 +421,9 @@ class BEVFormer(nn.Module):
             losses["loss_bev_heatmap"] = self.bev_heatmap_head.loss(out.bev, gt_boxes, batch["gt_labels"],
                                                                     logits=out.heatmap_logits)
             losses["loss"] = losses["loss"] + losses["loss_bev_heatmap"]
+        if self.bev_box_head is not None:
+            losses["loss_bev_box"] = self.bev_box_head.loss(out.bev, gt_boxes)
+            losses["loss"] = losses["loss"] + losses["loss_bev_box"]
         return losses
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
