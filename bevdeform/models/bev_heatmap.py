@@ -46,6 +46,21 @@ def _bev_as_image(bev: torch.Tensor, bev_h: int, bev_w: int, channels: int, owne
     return bev.transpose(1, 2).reshape(bev.shape[0], channels, bev_h, bev_w)  # (B, HW, C) -> (B, C, H, W)
 
 
+def _centres_in_cells(boxes: torch.Tensor, bev_h: int, bev_w: int, point_cloud_range_m: Sequence[float]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box centres in continuous cell units of the grid, and which lie on it.
+
+    Returns ``col_f`` (n,) ``(x - x_min) / dx`` (column j = floor, along x), ``row_f`` (n,) ``(y - y_min) / dy``
+    (row i = floor, along y), ``inside`` (n,) bool: the centre's cell is on the ``bev_h x bev_w`` grid.
+    """
+    x_min, y_min, _, x_max, y_max, _ = check_point_cloud_range(point_cloud_range_m)
+    col_f = (boxes[:, 0] - x_min) / ((x_max - x_min) / bev_w)  # (n,)
+    row_f = (boxes[:, 1] - y_min) / ((y_max - y_min) / bev_h)  # (n,)
+    col, row = torch.floor(col_f), torch.floor(row_f)
+    inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
+    return col_f, row_f, inside
+
+
 class BEVHeatmapHead(nn.Module):
     """BEV features -> per-class centre-heatmap logits: Conv3x3(C, C) + GroupNorm + ReLU, then Conv1x1(C, K).
 
@@ -170,13 +185,9 @@ def centre_cell_box_targets(
         targets (m, 10) float32 ``(dx, dy, log w, log l, z, log h, sin yaw, cos yaw, vx / s, vy / s)``, ``dx, dy``
         the centre minus the cell centre in cells (in [-0.5, 0.5)).
     """
-    x_min, y_min, _, x_max, y_max, _ = check_point_cloud_range(point_cloud_range_m)
     boxes = boxes.detach().float()
-    cell_x, cell_y = (x_max - x_min) / bev_w, (y_max - y_min) / bev_h
-    col_f = (boxes[:, 0] - x_min) / cell_x  # (n,) in cells along x
-    row_f = (boxes[:, 1] - y_min) / cell_y  # (n,) in cells along y
+    col_f, row_f, inside = _centres_in_cells(boxes, bev_h, bev_w, point_cloud_range_m)
     col, row = torch.floor(col_f), torch.floor(row_f)
-    inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
     codes = encode_boxes(boxes[inside])  # (m, 10) (cx, cy, log w, log l, cz, log h, sin, cos, vx, vy)
     offsets = torch.stack((col_f[inside] - col[inside] - 0.5, row_f[inside] - row[inside] - 0.5), dim=-1)  # (m, 2)
     targets = torch.cat((offsets, codes[:, 2:8], codes[:, 8:10] / velocity_scale_mps), dim=-1)  # (m, 10)
@@ -225,9 +236,8 @@ def render_centre_heatmaps(
         if boxes.shape[0] == 0:
             continue
         boxes = boxes.detach().float().to(device)
-        col = torch.floor((boxes[:, 0] - x_min) / cell_x)  # (n,) column j along x
-        row = torch.floor((boxes[:, 1] - y_min) / cell_y)  # (n,) row i along y
-        inside = (col >= 0) & (col < bev_w) & (row >= 0) & (row < bev_h)
+        col_f, row_f, inside = _centres_in_cells(boxes, bev_h, bev_w, point_cloud_range_m)
+        col, row = torch.floor(col_f), torch.floor(row_f)  # (n,) column j along x, row i along y
         if not bool(inside.any()):
             continue
         diameter_cells = torch.maximum(boxes[:, 3] / cell_x, boxes[:, 4] / cell_y)  # (n,) max(w, l) in cells
