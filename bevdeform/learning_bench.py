@@ -249,12 +249,14 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
          data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike = "runs/bench_learning",
          controls: Sequence[str] = ("scrambled", "no_history"), val_every_n_epochs: int = 1,
          yaw_breakdown: bool = True, synthetic_parent: str | os.PathLike = "data",
-         gt_bev_oracle_steps: int = 0) -> list[dict[str, Any]]:
+         gt_bev_oracle_steps: int = 0, temporal_oracle_steps: int = 0) -> list[dict[str, Any]]:
     """Print the training set's statistics; with ``gt_bev_oracle_steps`` train and score the decoder on
-    ground-truth BEV features (full heading, then heading modulo pi); train ``config`` (+ ``overrides``) for
-    ``steps`` steps on the embedded synthetic set (or ``data_root``), then each control the same way; print each
-    run's table and curve, the yaw breakdown of the main run, and a summary; write the runs to
-    ``out_dir/bench.json``. ``steps`` 0 skips the training runs."""
+    ground-truth BEV features (full heading, then heading modulo pi); with ``temporal_oracle_steps`` the temporal
+    oracle (`gt_bev_oracle` without velocity in the features, one TSA layer over the aligned previous BEV, against
+    its unaligned and no-history controls and the velocity-in-the-features ceiling); train ``config``
+    (+ ``overrides``) for ``steps`` steps on the embedded synthetic set (or ``data_root``), then each control the
+    same way; print each run's table and curve, the yaw breakdown of the main run, and a summary; write the runs
+    to ``out_dir/bench.json``. ``steps`` 0 skips the training runs."""
     import torch
 
     from bevdeform.config import build_model, load_config
@@ -284,6 +286,20 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
             print(f"== decoder on ground-truth BEV features (heading {heading}), {oracle['steps']} steps, "
                   f"{oracle['wall_s']:.0f} s, load avg {load_average()}\n{format_metrics_table(oracle['metrics'])}\n"
                   f"{format_yaw_breakdown(oracle['yaw_pairs'])}", flush=True)
+    if temporal_oracle_steps:
+        print("== temporal oracle: can TSA read velocity from the aligned previous BEV? (velocity outputs x10, "
+              "velocity code weight 1)", flush=True)
+        for source in VELOCITY_SOURCES:
+            oracle = gt_bev_oracle(train_infos, val_infos, root, out_dir, steps=temporal_oracle_steps,
+                                   embed_dims=cfg.model.embed_dims,
+                                   bev_hw=(cfg.model.encoder.bev_h, cfg.model.encoder.bev_w),
+                                   point_cloud_range_m=cfg.data.point_cloud_range_m,
+                                   num_layers=cfg.model.decoder.num_layers, num_queries=cfg.model.decoder.num_queries,
+                                   class_names=cfg.data.class_names, loss_kwargs={"code_weights": [1.0] * 10},
+                                   velocity_scale_mps=10.0, velocity_source=source, name=f"temporal_{source}")
+            m = oracle["metrics"]
+            print(f"  velocity from {source:<17} {oracle['steps']} steps, {oracle['wall_s']:.0f} s: "
+                  + "  ".join(f"{k} {m[k]:.4f}" for k in CURVE_METRICS), flush=True)
     runs = []
     plans = [("learned", list(overrides))]
     for control in controls:
@@ -431,13 +447,41 @@ def gt_bev_features(gt_boxes, gt_labels, bev_h: int, bev_w: int, point_cloud_ran
     return features.reshape(bev_h * bev_w, GT_BEV_CHANNELS)  # (H, W, 20) -> (H*W, 20)
 
 
+VELOCITY_SOURCES = ("features", "history", "history_unaligned", "none")
+
+
+def _temporal_oracle_layer(embed_dims: int, num_heads: int, num_points: int, bev_h: int, bev_w: int):
+    """One encoder layer without the cameras: TSA (bev_nano's) + residual -> LayerNorm -> FFN + residual ->
+    LayerNorm, with a learned BEV positional embedding (H*W, C) for TSA's offset predictor, no dropout."""
+    import torch
+    from torch import nn
+
+    from bevdeform.models.attention import TemporalSelfAttention
+
+    layer = nn.ModuleDict({
+        "tsa": TemporalSelfAttention(embed_dims, num_heads, num_points, bev_h, bev_w),
+        "norm_tsa": nn.LayerNorm(embed_dims),
+        "ffn": nn.Sequential(nn.Linear(embed_dims, 2 * embed_dims), nn.ReLU(), nn.Linear(2 * embed_dims, embed_dims)),
+        "norm_ffn": nn.LayerNorm(embed_dims),
+    })
+    layer.bev_pos = nn.Parameter(0.02 * torch.randn(1, bev_h * bev_w, embed_dims))  # (1, H*W, C)
+    return layer
+
+
+def _temporal_oracle_forward(layer, bev, prev_bev_aligned, has_prev):
+    """bev (B, H*W, C), prev_bev_aligned (B, H*W, C) or None, has_prev (B,) bool or None -> (B, H*W, C)."""
+    bev = layer["norm_tsa"](bev + layer["tsa"](bev, layer.bev_pos, prev_bev_aligned, has_prev))
+    return layer["norm_ffn"](bev + layer["ffn"](bev))
+
+
 def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int = 400, heading: str = "full",
                   embed_dims: int = 64, bev_hw: Sequence[int] = (32, 32),
                   point_cloud_range_m: Sequence[float] = (-32.0, -32.0, -3.0, 32.0, 32.0, 5.0),
                   num_layers: int = 3, num_queries: int = 150, lr: float = 1e-3, batch_size: int = 2,
                   seed: int = 0, version: str = "v1.0-synthetic", eval_split: str = "synthetic_val",
                   class_names: Sequence[str] | None = None, loss_kwargs: dict[str, Any] | None = None,
-                  name: str | None = None, velocity_scale_mps: float = 1.0) -> dict[str, Any]:
+                  name: str | None = None, velocity_scale_mps: float = 1.0,
+                  velocity_source: str = "features") -> dict[str, Any]:
     """Train bev_nano's detection decoder and loss (its dims, layers, queries, matcher and loss weights) on
     :func:`gt_bev_features` (through a learned Linear(20, embed_dims)) of the training frames, then score the
     held-out frames with the devkit. What the head path learns when the BEV carries the answer: a yaw that
@@ -447,6 +491,16 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
     cls_weight and reg_weight); ``velocity_scale_mps`` goes to the decoder (its velocity outputs' factor); the results
     land in ``out_dir / (name or 'gt_bev_<heading>')``.
 
+    ``velocity_source`` says where the velocity can come from: ``'features'`` (the (vx, vy) channels of the features),
+    ``'history'`` (those channels zeroed; one temporal encoder layer, bevdeform's TemporalSelfAttention with
+    residual, LayerNorm and FFN, runs on the lifted features with the previous keyframe's output BEV, computed as
+    training computes it: without gradient, from that frame alone in training and streamed in evaluation, warped
+    by `align_prev_bev` with the frame's ego motion, so the velocity must be read from the displacement of moving
+    objects between the two BEVs), ``'history_unaligned'`` (the same with the ego motion taken as identity: the
+    control that shows what the alignment is worth, since a static object then appears to move by the ego's own
+    displacement) or ``'none'`` (channels zeroed and the same layer without a previous BEV: the control, which can
+    only predict a velocity from class, heading and position).
+
     Returns ``{heading, steps, wall_s, metrics, yaw_pairs, loss_curve}``.
     """
     import torch
@@ -455,9 +509,12 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
     from bevdeform.data.infos import CAMERA_NAMES, CLASS_NAMES
     from bevdeform.evaluation import boxes_to_results, evaluate_results, write_results_json
     from bevdeform.geometry import planar_ego_motion, wrap_angle
+    from bevdeform.models.attention import align_prev_bev
     from bevdeform.models.decoder import DetectionDecoder
     from bevdeform.models.head import DetectionLoss, decode_predictions
 
+    if velocity_source not in VELOCITY_SOURCES:
+        raise ValueError(f"velocity_source must be one of {VELOCITY_SOURCES}, got {velocity_source!r}")
     class_names = tuple(class_names or CLASS_NAMES)
     torch.manual_seed(seed)
     bev_h, bev_w = int(bev_hw[0]), int(bev_hw[1])
@@ -467,11 +524,43 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
     features = {name: torch.stack([gt_bev_features(*ds.frame_gt(i), bev_h, bev_w, point_cloud_range_m, heading,
                                                    len(class_names)) for i in range(len(ds))])
                 for name, ds in datasets.items()}  # (F, H*W, 20)
+    temporal = None
+    if velocity_source != "features":
+        for frames in features.values():
+            frames[..., GT_BEV_CHANNELS - 2:] = 0.0  # no (vx, vy) channels
+        temporal = _temporal_oracle_layer(embed_dims, 4, 4, bev_h, bev_w)
     decoder = DetectionDecoder(embed_dims, num_layers, num_queries, 4, 4, 2 * embed_dims, len(class_names), 10,
                                bev_h, bev_w, point_cloud_range_m, velocity_scale_mps=velocity_scale_mps)
     lift = torch.nn.Linear(GT_BEV_CHANNELS, embed_dims)
     loss_fn = DetectionLoss(num_classes=len(class_names), **dict(loss_kwargs or {}))
     params = list(decoder.parameters()) + list(lift.parameters())
+    params += list(temporal.parameters()) if temporal is not None else []
+
+    def encode(split, frame_indices, prev_bev=None):
+        """BEV (B, H*W, C) of these frames of ``split``: the lifted features, through the temporal layer with
+        ``prev_bev`` (B, H*W, C), each row the previous keyframe's output in its own ego frame, or None."""
+        ds = datasets[split]
+        bev = lift(features[split][frame_indices])  # (B, H*W, 20) -> (B, H*W, C)
+        if temporal is None:
+            return bev
+        if prev_bev is None or velocity_source == "none":
+            return _temporal_oracle_forward(temporal, bev, None, None)
+        has_prev = torch.from_numpy(ds.has_prev[frame_indices].astype(bool))  # (B,)
+        motion = torch.from_numpy(ds.ego_prev2curr[frame_indices].astype(np.float32))  # (B, 4, 4)
+        if velocity_source == "history_unaligned":
+            motion = torch.eye(4).expand_as(motion)
+        aligned = align_prev_bev(prev_bev, motion, bev_h, bev_w, point_cloud_range_m)
+        return _temporal_oracle_forward(temporal, bev, aligned, has_prev)
+
+    def history_bev(split, frame_indices):
+        """The previous keyframe's BEV for training, (B, H*W, C): that frame alone, without gradient (rows at a scene
+        start get their own frame, which `encode` masks out by has_prev); None without a temporal source."""
+        if not velocity_source.startswith("history"):
+            return None
+        ds = datasets[split]
+        previous = np.where(ds.has_prev[frame_indices], frame_indices - 1, frame_indices)  # (B,)
+        with torch.no_grad():
+            return encode(split, previous, None)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -480,9 +569,8 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
     start = time.perf_counter()
     decoder.train()
     for step in range(steps):
-        index = torch.randint(len(train_ds), (batch_size,), generator=generator)
-        bev = lift(features["train"][index])  # (B, H*W, 20) -> (B, H*W, C)
-        all_logits, all_codes = decoder(bev)
+        index = torch.randint(len(train_ds), (batch_size,), generator=generator).numpy()
+        all_logits, all_codes = decoder(encode("train", index, history_bev("train", index)))
         gts = [train_ds.frame_gt(int(i)) for i in index]
         losses = loss_fn(all_logits, all_codes, [torch.from_numpy(b) for b, _ in gts],
                          [torch.from_numpy(lab) for _, lab in gts])
@@ -495,6 +583,7 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
             loss_curve.append((step, round(losses["loss"].item(), 4)))
     decoder.eval()
     val_ds = datasets["val"]
+    streamed_bev = None  # (1, H*W, C): the previous keyframe's output, streamed as in evaluation
     results, pairs = {}, []
     image_hw = np.array([val_ds.image_size_hw] * val_ds.ego2img.shape[1])  # (N, 2)
     with torch.no_grad():
@@ -505,7 +594,9 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
             turn_rate_dps = math.degrees(float(yaw_change)) / elapsed_s if elapsed_s > 0 else 0.0
             cameras = _camera_of_points(val_ds.ego2img[i].astype(np.float64), image_hw,
                                         val_ds.frame_gt(i)[0][:, :3].astype(np.float64))
-            logits, codes = decoder(lift(features["val"][i:i + 1]))
+            frame = np.array([i])
+            streamed_bev = encode("val", frame, streamed_bev if val_ds.has_prev[i] else None)
+            logits, codes = decoder(streamed_bev)
             found = decode_predictions(logits[-1], codes[-1], max_num=100)[0]
             boxes = found["boxes"].double()
             token = str(val_ds.sample_tokens[i])
@@ -530,5 +621,6 @@ def gt_bev_oracle(train_info_path, val_info_path, data_root, out_dir, steps: int
     folder = out_dir / (name or f"gt_bev_{heading}")
     path = write_results_json(results, folder / "results.json")
     metrics = evaluate_results(path, data_root, version, eval_split, folder)
-    return {"heading": heading, "steps": steps, "wall_s": round(time.perf_counter() - start, 1),
+    return {"heading": heading, "velocity_source": velocity_source, "steps": steps,
+            "wall_s": round(time.perf_counter() - start, 1),
             "metrics": metrics, "yaw_pairs": pairs, "loss_curve": loss_curve}

@@ -4,6 +4,7 @@
     python scripts/bench_learning.py --steps 300 --controls scrambled data.queue_length=1 train.lr=1e-3
     python scripts/bench_learning.py --controls none --no-yaw-breakdown model.loss.bev_heatmap_weight=2.0
     python scripts/bench_learning.py --steps 0 --gt-bev-oracle-steps 600      # the decoder on ground-truth BEV only
+    python scripts/bench_learning.py --steps 0 --temporal-oracle-steps 5000   # velocity through TSA, ground-truth BEV
 
 Prints, per run (the learned run, then each control trained and evaluated the same way): the devkit's table (mAP,
 NDS, mATE, mASE, mAOE, mAVE, mAAE, AP per class) on the held-out scenes, the learning curve (a validation every
@@ -37,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gt-bev-oracle-steps", type=int, default=0,
                         help="first train the decoder alone on ground-truth BEV features for this many steps (full "
                              "heading, then heading modulo pi) and score it (default 0: skip)")
+    parser.add_argument("--temporal-oracle-steps", type=int, default=0,
+                        help="first run the temporal oracle for this many steps: ground-truth BEV features without "
+                             "velocity, one TSA layer over the previous BEV aligned / unaligned / absent, and velocity "
+                             "in the features as the ceiling (default 0: skip)")
     return parser.parse_args(argv)
 
 
@@ -47,7 +52,8 @@ def main(argv=None) -> int:
         bench_main(config=args.config, overrides=args.overrides, steps=args.steps, data_root=args.data_root,
                    out_dir=args.out, controls=controls, val_every_n_epochs=args.val_every_n_epochs,
                    yaw_breakdown=not args.no_yaw_breakdown, synthetic_parent=args.synthetic_parent,
-                   gt_bev_oracle_steps=args.gt_bev_oracle_steps)
+                   gt_bev_oracle_steps=args.gt_bev_oracle_steps,
+                   temporal_oracle_steps=args.temporal_oracle_steps)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from bevdeform.learning_bench import (
+    _temporal_oracle_forward,
+    _temporal_oracle_layer,
     drop_history,
     format_curve,
     gt_bev_features,
+    gt_bev_oracle,
     read_curve,
     scramble_extrinsics,
     yaw_bins,
@@ -91,3 +94,23 @@ def test_gt_bev_features_paint_the_footprint_with_the_box_values():
     assert float(gt_bev_features(box, np.array([3]), 32, 32, pcr, heading="none")[:, 10:12].abs().max()) == 0
     with pytest.raises(ValueError, match="heading"):
         gt_bev_features(box, np.array([3]), 32, 32, pcr, heading="half")
+
+
+def test_temporal_oracle_layer_reads_the_previous_bev_only_where_a_row_has_one():
+    torch.manual_seed(0)
+    layer = _temporal_oracle_layer(16, 4, 4, 6, 8)
+    bev, prev = torch.randn(2, 48, 16), torch.randn(2, 48, 16)  # (B, H*W, C)
+    has_prev = torch.tensor([True, False])
+    with_prev = _temporal_oracle_forward(layer, bev, prev, has_prev)
+    without = _temporal_oracle_forward(layer, bev, None, None)
+    # Row 1 (a scene start) ignores prev exactly; row 0 reads it.
+    torch.testing.assert_close(with_prev[1], without[1])
+    assert float((with_prev[0] - without[0]).abs().max()) > 1e-3
+    # The previous BEV moved by one cell changes the output near where it moved (TSA samples around each cell).
+    shifted = prev.view(2, 6, 8, 16).roll(1, dims=2).reshape(2, 48, 16)  # (B, H*W, C) -> (B, H, W, C) -> back
+    assert float((_temporal_oracle_forward(layer, bev, shifted, has_prev)[0] - with_prev[0]).abs().max()) > 1e-3
+
+
+def test_gt_bev_oracle_refuses_an_unknown_velocity_source(tmp_path):
+    with pytest.raises(ValueError, match="velocity_source must be one of"):
+        gt_bev_oracle(tmp_path / "train.json", tmp_path / "val.json", tmp_path, tmp_path, velocity_source="lidar")
