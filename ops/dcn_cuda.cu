@@ -267,11 +267,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> modulated
                 input_n, offset_n, mask_n, col.mutable_data_ptr<scalar_t>(), geo);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             const at::Tensor grad_out_g = grad_output[n].view({groups, Co_conv, L});  // (groups, C_out / groups, L)
-            for (int64_t grp = 0; grp < groups; ++grp) {
-              if constexpr (kWide) {
+            if constexpr (kWide) {
+              for (int64_t grp = 0; grp < groups; ++grp) {
                 grad_weight_g[grp].addmm_(grad_out_g[grp], col_g[grp].t());
-              } else {
-                grad_weight_g[grp].add_(at::mm(grad_out_g[grp], col_g[grp].t()).to(acc_options.dtype()));
+              }
+            } else {
+              // In float: a half GEMM would round each image's sum over L pixels to 16 bits (and overflow past
+              // 65504) before it reached the float accumulator. One cast of the columns and gradients per image.
+              const at::Tensor col_acc_g = col_g.to(acc_options.dtype());          // (groups, Cg * K, L)
+              const at::Tensor grad_out_acc_g = grad_out_g.to(acc_options.dtype());  // (groups, C_out / groups, L)
+              for (int64_t grp = 0; grp < groups; ++grp) {
+                grad_weight_g[grp].addmm_(grad_out_acc_g[grp], col_acc_g[grp].t());
               }
             }
             for (int64_t grp = 0; grp < groups; ++grp) {

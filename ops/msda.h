@@ -21,6 +21,20 @@
 
 namespace bevdeform {
 
+// The (H, W) a kernel uses for a level: the given one when the level is a block of S rows (start >= 0, H, W > 0,
+// start + H * W <= S), else (0, 0), which every location misses (no read, no write, zero gradient). The Python side
+// refuses inconsistent tables before any kernel runs, except while torch.compile traces or a CUDA graph captures
+// (reading them would sync); this keeps a wrong table there from reading or writing outside value / grad_value.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline void level_extent_within(int64_t start, int64_t S, int64_t& H, int64_t& W) {
+  if (start < 0 || H <= 0 || W <= 0 || H > S || W > S || start + H * W > S) {
+    H = 0;
+    W = 0;
+  }
+}
+
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights);

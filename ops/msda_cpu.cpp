@@ -87,8 +87,9 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
         // (B, Q, M, L, P) -> flat index of (b, q, m, 0, 0)
         const int64_t sample0 = (bq * M + m) * L * P;
         for (int64_t l = 0; l < L; ++l) {
-          const int64_t H = shapes[2 * l];
-          const int64_t W = shapes[2 * l + 1];
+          int64_t H = shapes[2 * l];
+          int64_t W = shapes[2 * l + 1];
+          level_extent_within(starts[l], S, H, W);
           // value (B, S, M, D): row (b, s, m) starts at ((b * S + s) * M + m) * D; with row_stride = M * D the
           // offset of (b, s, m) is (b * S + s) * M * D + m * D.
           const int64_t row_base = b * S + starts[l];
@@ -144,8 +145,9 @@ void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t
       const int64_t l = task % L;
       const int64_t m = (task / L) % M;
       const int64_t b = task / (L * M);
-      const int64_t H = shapes[2 * l];
-      const int64_t W = shapes[2 * l + 1];
+      int64_t H = shapes[2 * l];
+      int64_t W = shapes[2 * l + 1];
+      level_extent_within(starts[l], S, H, W);
       const int64_t row_base = b * S + starts[l];
       for (int64_t q = 0; q < Q; ++q) {
         // grad_out (B, Q, M*D): (b, q, m, :) at ((b * Q + q) * M + m) * D

@@ -148,13 +148,18 @@ __device__ __forceinline__ void atomic_add_scaled(acc_t* ptr, const acc_t (&g)[V
 
 // Copies the per-level table into shared memory, laid out level_info[3 * l + {0, 1, 2}] = (start, H, W).
 // Every thread of the block reaches the barrier: it comes before the grid-stride loop, where nobody has exited.
+// A level that is not a block of the S value rows gets (H, W) = (0, 0) (`level_extent_within`): never touched.
 __device__ __forceinline__ void load_level_info(const int64_t* __restrict__ spatial_shapes,
                                                 const int64_t* __restrict__ level_start_index, const int L,
-                                                int64_t* level_info) {
+                                                const int64_t S, int64_t* level_info) {
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    level_info[3 * l + 0] = level_start_index[l];   // level_start_index (L,)
-    level_info[3 * l + 1] = spatial_shapes[2 * l];  // spatial_shapes (L, 2) row-major: [l][0] = H
-    level_info[3 * l + 2] = spatial_shapes[2 * l + 1];  // [l][1] = W
+    const int64_t start = level_start_index[l];  // level_start_index (L,)
+    int64_t H = spatial_shapes[2 * l];           // spatial_shapes (L, 2) row-major: [l][0] = H
+    int64_t W = spatial_shapes[2 * l + 1];       // [l][1] = W
+    level_extent_within(start, S, H, W);
+    level_info[3 * l + 0] = start;
+    level_info[3 * l + 1] = H;
+    level_info[3 * l + 2] = W;
   }
   __syncthreads();
 }
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                   const int P, const int log2_group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ int64_t level_info[];
-  load_level_info(spatial_shapes, level_start_index, L, level_info);
+  load_level_info(spatial_shapes, level_start_index, L, S, level_info);
 
   const int group_size = 1 << log2_group_size;
   const int lane = threadIdx.x & (group_size - 1);
@@ -323,7 +328,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_kern
     const int log2_group_size) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ int64_t level_info[];
-  load_level_info(spatial_shapes, level_start_index, L, level_info);
+  load_level_info(spatial_shapes, level_start_index, L, S, level_info);
 
   const int group_size = 1 << log2_group_size;
   const int lane = threadIdx.x & (group_size - 1);

@@ -398,3 +398,29 @@ def test_cpu_backward_allocates_only_its_gradients():
     allocated = [e.cpu_memory_usage for e in prof.events() if e.name == "bevdeform::ms_deform_attn_backward"]
     assert len(allocated) == 1
     assert allocated[0] == sum(g.numel() * g.element_size() for g in grads)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_native_kernel_ignores_a_level_that_is_not_inside_value(device):
+    """The Python side refuses an inconsistent level table, except while torch.compile traces or a CUDA graph
+    captures; the kernels themselves must then neither read nor write outside value / grad_value. A level whose
+    rows run past S is skipped (as if every location missed it): the output and gradients are those of the valid
+    levels alone, computed by the reference."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    native_or_skip(device, torch.float64)
+    gen = torch.Generator().manual_seed(21)
+    value, shapes, starts, locations, weights = make_inputs(2, 7, 2, 4, [(4, 4), (3, 5)], 3, torch.float64,
+                                                            generator=gen, location_range=(0.0, 1.0))
+    value, shapes, starts, locations, weights = (t.to(device) for t in (value, shapes, starts, locations, weights))
+    bad_starts = torch.tensor([0, 20], device=device)  # rows 20..34 of S = 31: past the end of value
+    out = torch.ops.bevdeform.ms_deform_attn(value, shapes, bad_starts, locations, weights)
+    kept = weights.clone()
+    kept[:, :, :, 1] = 0  # (B, Q, M, L, P): level 1 contributes nothing
+    torch.testing.assert_close(out, msda.ms_deform_attn_reference(value, shapes, starts, locations, kept))
+    grad_output = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+    grad_value, grad_locations, grad_weights = torch.ops.bevdeform.ms_deform_attn_backward(
+        value, shapes, bad_starts, locations, weights, grad_output)
+    assert float(grad_value[:, 16:].abs().max()) == 0  # nothing written past level 0's rows
+    assert float(grad_locations[:, :, :, 1].abs().max()) == 0 and float(grad_weights[:, :, :, 1].abs().max()) == 0
+    assert float(grad_weights[:, :, :, 0].abs().max()) > 0
