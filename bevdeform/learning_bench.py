@@ -275,14 +275,14 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
     cfg = load_config(config, list(overrides))
     print(format_dataset_statistics(dataset_statistics(train_infos, cfg.data.image_size_hw,
                                                        cfg.data.point_cloud_range_m)), flush=True)
+    # The config's sizes, for both oracles.
+    oracle_sizes = dict(embed_dims=cfg.model.embed_dims, bev_hw=(cfg.model.encoder.bev_h, cfg.model.encoder.bev_w),
+                        point_cloud_range_m=cfg.data.point_cloud_range_m, num_layers=cfg.model.decoder.num_layers,
+                        num_queries=cfg.model.decoder.num_queries, class_names=cfg.data.class_names)
     if gt_bev_oracle_steps:
         for heading in ("full", "mod_pi"):
             oracle = gt_bev_oracle(train_infos, val_infos, root, out_dir, steps=gt_bev_oracle_steps, heading=heading,
-                                   embed_dims=cfg.model.embed_dims,
-                                   bev_hw=(cfg.model.encoder.bev_h, cfg.model.encoder.bev_w),
-                                   point_cloud_range_m=cfg.data.point_cloud_range_m,
-                                   num_layers=cfg.model.decoder.num_layers, num_queries=cfg.model.decoder.num_queries,
-                                   class_names=cfg.data.class_names)
+                                   **oracle_sizes)
             print(f"== decoder on ground-truth BEV features (heading {heading}), {oracle['steps']} steps, "
                   f"{oracle['wall_s']:.0f} s, load avg {load_average()}\n{format_metrics_table(oracle['metrics'])}\n"
                   f"{format_yaw_breakdown(oracle['yaw_pairs'])}", flush=True)
@@ -291,12 +291,8 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
               "velocity code weight 1)", flush=True)
         for source in VELOCITY_SOURCES:
             oracle = gt_bev_oracle(train_infos, val_infos, root, out_dir, steps=temporal_oracle_steps,
-                                   embed_dims=cfg.model.embed_dims,
-                                   bev_hw=(cfg.model.encoder.bev_h, cfg.model.encoder.bev_w),
-                                   point_cloud_range_m=cfg.data.point_cloud_range_m,
-                                   num_layers=cfg.model.decoder.num_layers, num_queries=cfg.model.decoder.num_queries,
-                                   class_names=cfg.data.class_names, loss_kwargs={"code_weights": [1.0] * 10},
-                                   velocity_scale_mps=10.0, velocity_source=source, name=f"temporal_{source}")
+                                   loss_kwargs={"code_weights": [1.0] * 10}, velocity_scale_mps=10.0,
+                                   velocity_source=source, name=f"temporal_{source}", **oracle_sizes)
             m = oracle["metrics"]
             print(f"  velocity from {source:<17} {oracle['steps']} steps, {oracle['wall_s']:.0f} s: "
                   + "  ".join(f"{k} {m[k]:.4f}" for k in CURVE_METRICS), flush=True)
