@@ -94,6 +94,10 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     return [{"step": float(step), **values} for step, values in sorted(rows.items())]
 
 
+# A bound on epochs that never binds: a benchmark run's length is its max_steps.
+UNBOUNDED_EPOCHS = 1_000_000
+
+
 def run_learning(name: str, config: str, overrides: Sequence[str], data_root: str | os.PathLike,
                  out_dir: str | os.PathLike, max_steps: int, val_every_n_epochs: int = 1,
                  version: str = "v1.0-synthetic") -> dict[str, Any]:
@@ -102,15 +106,25 @@ def run_learning(name: str, config: str, overrides: Sequence[str], data_root: st
     Returns ``{name, config, overrides, max_steps, wall_s, load_before, load_after, metrics, curve, run_dir}``;
     the run folder is ``out_dir / name``.
     """
-    from bevdeform.train import train
+    from bevdeform.train import read_checkpoint, train
 
+    if max_steps < 1:
+        raise ValueError(f"run_learning: max_steps={max_steps}, expected >= 1")
     run_dir = Path(out_dir) / name
     load_before = load_average()
     start = time.perf_counter()
+    # The run is max_steps long whatever the config's train.epochs says: Lightning stops at whichever limit comes
+    # first, and bev_nano's 12 epochs of the embedded set are 1920 steps (a --steps 2880 run stopped there,
+    # 2026-12-03). The learning-rate schedule spans the same max_steps.
     metrics = train(config, overrides=list(overrides), data_root=str(data_root), version=version, out=run_dir,
-                    max_steps=max_steps, accelerator="cpu", devices=1, enable_progress_bar=False,
-                    checkpoint_every_n_steps=100_000, log_every_n_steps=20, val_every_n_epochs=val_every_n_epochs)
+                    max_steps=max_steps, max_epochs=UNBOUNDED_EPOCHS, accelerator="cpu", devices=1,
+                    enable_progress_bar=False, checkpoint_every_n_steps=100_000, log_every_n_steps=20,
+                    val_every_n_epochs=val_every_n_epochs)
     wall_s = time.perf_counter() - start
+    steps_done = int(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"])
+    if steps_done != max_steps:
+        raise RuntimeError(f"run_learning: run {name!r} stopped at step {steps_done} of max_steps={max_steps} "
+                           f"({run_dir / 'checkpoints' / 'last.ckpt'})")
     return {"name": name, "config": config, "overrides": list(overrides), "max_steps": max_steps,
             "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_average(),
             "metrics": metrics, "curve": read_curve(run_dir), "run_dir": str(run_dir)}

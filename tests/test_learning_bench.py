@@ -114,3 +114,42 @@ def test_temporal_oracle_layer_reads_the_previous_bev_only_where_a_row_has_one()
 def test_gt_bev_oracle_refuses_an_unknown_velocity_source(tmp_path):
     with pytest.raises(ValueError, match="velocity_source must be one of"):
         gt_bev_oracle(tmp_path / "train.json", tmp_path / "val.json", tmp_path, tmp_path, velocity_source="lidar")
+
+
+def _fake_train(calls, steps_per_epoch=160, config_epochs=12, stop_early_at=None):
+    """Stands in for bevdeform.train.train with Lightning's two limits: training ends at max_steps or at the end of
+    the last epoch, whichever comes first (train.epochs 12 of 160 steps unless max_epochs is given); it writes the
+    last checkpoint as train does."""
+
+    def train(config, overrides, data_root, version, out, max_steps, max_epochs=None, **kwargs):
+        calls.append({"max_steps": max_steps, "max_epochs": max_epochs, **kwargs})
+        epochs = config_epochs if max_epochs is None else max_epochs
+        done = min(max_steps, epochs * steps_per_epoch) if stop_early_at is None else stop_early_at
+        (out / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": done}, out / "checkpoints" / "last.ckpt")
+        return {"val/NDS": 0.0}
+
+    return train
+
+
+def test_run_learning_runs_exactly_max_steps_whatever_the_configs_epochs(tmp_path, monkeypatch):
+    import bevdeform.train
+    from bevdeform.learning_bench import run_learning
+
+    calls = []
+    monkeypatch.setattr(bevdeform.train, "train", _fake_train(calls))
+    # 2880 steps are 18 epochs of the embedded set: bev_nano's train.epochs (12) must not end the run at 1920
+    run = run_learning("learned", "bev_nano", [], tmp_path / "data", tmp_path, max_steps=2880)
+    assert run["max_steps"] == 2880 and calls[0]["max_steps"] == 2880
+    assert calls[0]["max_epochs"] is not None and calls[0]["max_epochs"] * 160 >= 2880
+
+
+def test_run_learning_refuses_a_run_that_stopped_short(tmp_path, monkeypatch):
+    import bevdeform.train
+    from bevdeform.learning_bench import run_learning
+
+    monkeypatch.setattr(bevdeform.train, "train", _fake_train([], stop_early_at=1920))
+    with pytest.raises(RuntimeError, match="stopped at step 1920 of max_steps=2880"):
+        run_learning("learned", "bev_nano", [], tmp_path / "data", tmp_path, max_steps=2880)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        run_learning("learned", "bev_nano", [], tmp_path / "data", tmp_path, max_steps=0)
