@@ -182,6 +182,9 @@ class ModelConfig:
     # The BEV range in the model's frame; null = data.point_cloud_range_m (ego frame). bevformer_v1: the official
     # lidar range [-51.2, -51.2, -5, 51.2, 51.2, 3].
     point_cloud_range_m: tuple[float, ...] | None = None
+    # The attribute_name of each result (bevdeform.evaluation.ATTRIBUTE_RULES): "class_default" (one per class) or
+    # "velocity" (from the predicted speed, as mmdet3d / the official BEVFormer evaluation formats results).
+    attribute_rule: str = "class_default"
 
 
 @dataclass
@@ -274,6 +277,8 @@ class Config:
                  m.decoder.query_init, "learned, or heatmap together with model.loss.bev_heatmap_weight > 0 (the "
                  "queries start at that head's peaks)")
         _require(m.frame in ("ego", "lidar"), "model.frame", m.frame, "ego or lidar")
+        _require(m.attribute_rule in ("class_default", "velocity"), "model.attribute_rule", m.attribute_rule,
+                 "class_default or velocity")
         _require(m.point_cloud_range_m is None or (len(m.point_cloud_range_m) == 6 and all(
             m.point_cloud_range_m[k] < m.point_cloud_range_m[k + 3] for k in range(3))), "model.point_cloud_range_m",
             m.point_cloud_range_m, "null or 6 numbers (x_min, y_min, z_min, x_max, y_max, z_max), min < max")

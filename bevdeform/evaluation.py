@@ -23,6 +23,18 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
     "construction_vehicle": "vehicle.parked", "bus": "vehicle.moving", "pedestrian": "pedestrian.moving",
     "motorcycle": "cycle.without_rider", "bicycle": "cycle.without_rider", "barrier": "", "traffic_cone": "",
 }
+# How a result's attribute_name is chosen (the detector predicts no attributes), ``model.attribute_rule``:
+# "class_default": DEFAULT_ATTRIBUTES of the box's class, whatever the box does;
+# "velocity": from the predicted speed, as mmdet3d's NuScenesDataset formats results (what BEVFormer's published NDS
+#   was scored with): faster than MOVING_SPEED_MPS, vehicle.moving (car, truck, bus, trailer, construction_vehicle) or
+#   cycle.with_rider (bicycle, motorcycle); slower, pedestrian.standing (pedestrian) or vehicle.stopped (bus);
+#   every other case the class default.
+ATTRIBUTE_RULES = ("class_default", "velocity")
+MOVING_SPEED_MPS = 0.2
+_MOVING_ATTRIBUTES = {"car": "vehicle.moving", "truck": "vehicle.moving", "bus": "vehicle.moving",
+                      "trailer": "vehicle.moving", "construction_vehicle": "vehicle.moving",
+                      "bicycle": "cycle.with_rider", "motorcycle": "cycle.with_rider"}
+_SLOW_ATTRIBUTES = {"pedestrian": "pedestrian.standing", "bus": "vehicle.stopped"}
 CAMERA_ONLY_META: dict[str, bool] = {
     "use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False,
 }
@@ -35,6 +47,30 @@ def _to_numpy(values, dtype) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=dtype)
+
+
+def attribute_names_of(labels, velocities, class_names: Sequence[str] = CLASS_NAMES,
+                       rule: str = "class_default") -> list[str]:
+    """The nuScenes attribute of each predicted box under ``rule`` (``ATTRIBUTE_RULES``, comment above).
+
+    labels: (n,) indices into class_names. velocities: (n, 2) m/s in any frame rotated about z from the ego's (the
+    speed is the same in the ego, lidar and global frames), or None for zeros. numpy arrays, lists or tensors.
+    """
+    if rule not in ATTRIBUTE_RULES:
+        raise ValueError(f"attribute rule {rule!r}: expected one of {ATTRIBUTE_RULES}")
+    labels = _to_numpy(labels, np.int64).reshape(-1)
+    velocities = (np.zeros((len(labels), 2)) if velocities is None else _to_numpy(velocities, np.float64).reshape(-1, 2))
+    if len(velocities) != len(labels):
+        raise ValueError(f"attribute_names_of: {len(labels)} labels but {len(velocities)} velocities")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(f"attribute_names_of: labels must lie in [0, {len(class_names)}), got "
+                         f"{labels.min()}..{labels.max()}")
+    names = [class_names[label] for label in labels]
+    if rule == "class_default":
+        return [DEFAULT_ATTRIBUTES[name] for name in names]
+    moving = np.hypot(velocities[:, 0], velocities[:, 1]) > MOVING_SPEED_MPS  # (n,); NaN speeds count as slow
+    table = [(_MOVING_ATTRIBUTES if fast else _SLOW_ATTRIBUTES) for fast in moving]
+    return [attrs.get(name, DEFAULT_ATTRIBUTES[name]) for attrs, name in zip(table, names)]
 
 
 def boxes_to_results(sample_token: str, boxes_ego, velocities_ego, scores, labels, ego2global,

@@ -24,6 +24,7 @@ print the per-metric table and the learning curve, with the controls that show g
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -263,12 +264,14 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
          data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike = "runs/bench_learning",
          controls: Sequence[str] = ("scrambled", "no_history"), val_every_n_epochs: int = 1,
          yaw_breakdown: bool = True, synthetic_parent: str | os.PathLike = "data",
-         gt_bev_oracle_steps: int = 0, temporal_oracle_steps: int = 0) -> list[dict[str, Any]]:
+         gt_bev_oracle_steps: int = 0, temporal_oracle_steps: int = 0,
+         extra_train_scenes: int = 0) -> list[dict[str, Any]]:
     """Print the training set's statistics; with ``gt_bev_oracle_steps`` train and score the decoder on
     ground-truth BEV features (full heading, then heading modulo pi); with ``temporal_oracle_steps`` the temporal
     oracle (`gt_bev_oracle` without velocity in the features, one TSA layer over the aligned previous BEV, against
     its unaligned and no-history controls and the velocity-in-the-features ceiling); train ``config``
-    (+ ``overrides``) for ``steps`` steps on the embedded synthetic set (or ``data_root``), then each control the
+    (+ ``overrides``) for ``steps`` steps on the embedded synthetic set (with ``extra_train_scenes`` more training
+    scenes and the same held-out scenes; written on first use) or on ``data_root``, then each control the
     same way; print each run's table and curve, the yaw breakdown of the main run, and a summary; write the runs
     to ``out_dir/bench.json``. ``steps`` 0 skips the training runs."""
     import torch
@@ -284,7 +287,11 @@ def main(config: str = "bev_nano", overrides: Sequence[str] = (), steps: int = 6
     unknown = [name for name in controls if name not in ("scrambled", "no_history")]
     if unknown:
         raise ValueError(f"controls: unknown {unknown}, expected 'scrambled' and/or 'no_history'")
-    root = Path(data_root) if data_root is not None else prepare_synthetic_data(EMBEDDED_SYNTHETIC, synthetic_parent)
+    if extra_train_scenes < 0 or (extra_train_scenes and data_root is not None):
+        raise ValueError(f"extra_train_scenes={extra_train_scenes}: expected >= 0, and 0 with data_root "
+                         f"(got data_root={data_root!r})")
+    spec = dataclasses.replace(EMBEDDED_SYNTHETIC, extra_train_scenes=int(extra_train_scenes))
+    root = Path(data_root) if data_root is not None else prepare_synthetic_data(spec, synthetic_parent)
     train_infos, val_infos = (info_path(root, VERSION, split) for split in (TRAIN_SPLIT, VAL_SPLIT))
     cfg = load_config(config, list(overrides))
     print(format_dataset_statistics(dataset_statistics(train_infos, cfg.data.image_size_hw,

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from bevdeform.data.infos import CLASS_NAMES
-from bevdeform.evaluation import boxes_to_results, evaluate_results, lidar_boxes_to_results, write_results_json
+from bevdeform.evaluation import (ATTRIBUTE_RULES, attribute_names_of, boxes_to_results, evaluate_results,
+                                  lidar_boxes_to_results, write_results_json)
 from bevdeform.models.bevformer import StreamingBEVFormer
 
 __all__ = ["BEVFormerModule", "EvaluationTarget", "WarmupCosineFactor", "optimizer_param_groups"]
@@ -136,8 +137,11 @@ class BEVFormerModule(lightning.LightningModule):
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.01, backbone_lr_mult: float = 0.1,
                  warmup_steps: int = 500, warmup_ratio: float = 1.0 / 3.0, min_lr_ratio: float = 1e-3,
                  class_names: Sequence[str] = CLASS_NAMES, evaluation: EvaluationTarget | None = None,
-                 run_config: dict | None = None, max_cached_scenes: int = 4):
+                 run_config: dict | None = None, max_cached_scenes: int = 4, attribute_rule: str = "class_default"):
         super().__init__()
+        if attribute_rule not in ATTRIBUTE_RULES:
+            raise ValueError(f"BEVFormerModule: attribute_rule={attribute_rule!r}, expected one of {ATTRIBUTE_RULES}")
+        self.attribute_rule = attribute_rule
         self.model = model
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
@@ -227,14 +231,16 @@ class BEVFormerModule(lightning.LightningModule):
                              "has no lidar2ego: set data.bevformer_v1_inputs: true")
         for row, (token, found) in enumerate(zip(batch["sample_token"], detections)):
             boxes = found["boxes"].detach().double().cpu()  # (k, 9) [x, y, z, w, l, h, yaw, vx, vy]
+            attributes = attribute_names_of(found["labels"].cpu(), boxes[:, 7:9], self.class_names, self.attribute_rule)
             if in_lidar_frame:
                 results[token] = lidar_boxes_to_results(
                     token, boxes[:, :7], boxes[:, 7:9], found["scores"], found["labels"],
-                    batch["lidar2ego"][row].cpu(), batch["ego2global"][row, -1].cpu(), class_names=self.class_names)
+                    batch["lidar2ego"][row].cpu(), batch["ego2global"][row, -1].cpu(), attribute_names=attributes,
+                    class_names=self.class_names)
             else:
                 results[token] = boxes_to_results(
                     token, boxes[:, :7], boxes[:, 7:9], found["scores"], found["labels"],
-                    batch["ego2global"][row, -1].cpu(), class_names=self.class_names)
+                    batch["ego2global"][row, -1].cpu(), attribute_names=attributes, class_names=self.class_names)
         return results
 
     def on_validation_epoch_end(self) -> None:

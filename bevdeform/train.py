@@ -131,11 +131,16 @@ class SyntheticDataSpec:
     scale: float = 0.2  # 320x180 images
     objects_per_sample: int = 20
     seed: int = 0
+    extra_train_scenes: int = 0  # training scenes after the validation ones (write_synthetic_nuscenes)
 
     def folder_name(self) -> str:
         # generator_format: raise it when write_synthetic_nuscenes changes what the same arguments produce
-        # (2: buses have a windscreen, issue 14).
-        key = json.dumps({"generator_format": 2, **dataclasses.asdict(self)}, sort_keys=True)
+        # (2: buses have a windscreen, issue 14). extra_train_scenes enters the key only when used, so the folders
+        # of the specs before it keep their names.
+        fields = dataclasses.asdict(self)
+        if not fields["extra_train_scenes"]:
+            del fields["extra_train_scenes"]
+        key = json.dumps({"generator_format": 2, **fields}, sort_keys=True)
         return f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -202,7 +207,8 @@ def prepare_synthetic_data(spec: SyntheticDataSpec = EMBEDDED_SYNTHETIC, parent:
         tmp = parent / f".{root.name}.tmp-{os.getpid()}"
         write_synthetic_nuscenes(tmp, num_scenes=spec.num_scenes, num_val_scenes=spec.num_val_scenes,
                                  samples_per_scene=spec.samples_per_scene, seed=spec.seed, scale=spec.scale,
-                                 objects_per_sample=spec.objects_per_sample, progress=False)
+                                 objects_per_sample=spec.objects_per_sample, progress=False,
+                                 extra_train_scenes=spec.extra_train_scenes)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -794,7 +800,8 @@ def build_module(cfg: Config, model: torch.nn.Module, source: DataSource | None,
     return BEVFormerModule(
         model, lr=t.lr, weight_decay=t.weight_decay, backbone_lr_mult=t.backbone_lr_mult,
         warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio,
-        class_names=cfg.data.class_names, evaluation=evaluation, run_config=config_to_dict(cfg))
+        class_names=cfg.data.class_names, evaluation=evaluation, run_config=config_to_dict(cfg),
+        attribute_rule=cfg.model.attribute_rule)
 
 
 def build_trainer(cfg: Config, run_dir: Path, devices: int | str = "auto", num_nodes: int = 1,

@@ -25,6 +25,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="image size as a fraction of 1600x900 (0.2 -> 320x180)")
     parser.add_argument("--objects-per-sample", type=int, default=DEFAULT_OBJECTS_PER_SAMPLE,
                         help="object density: about this many objects within 60 m of the ego")
+    parser.add_argument("--extra-train-scenes", type=int, default=0,
+                        help="more training scenes after the validation scenes (the validation scenes stay those "
+                             "of --scenes / --val-scenes)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 
@@ -33,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     write_synthetic_nuscenes(args.out, num_scenes=args.scenes, num_val_scenes=args.val_scenes,
                              samples_per_scene=args.samples_per_scene, seed=args.seed, scale=args.scale,
-                             objects_per_sample=args.objects_per_sample, progress=not args.quiet)
+                             objects_per_sample=args.objects_per_sample, progress=not args.quiet,
+                             extra_train_scenes=args.extra_train_scenes)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/bench_learning.py                                   # bev_nano, 600 steps, both controls
     python scripts/bench_learning.py --steps 300 --controls scrambled data.queue_length=1 train.lr=1e-3
+    python scripts/bench_learning.py --steps 5440 --extra-train-scenes 240 --controls none   # 320 training scenes
     python scripts/bench_learning.py --controls none --no-yaw-breakdown model.loss.bev_heatmap_weight=2.0
     python scripts/bench_learning.py --steps 0 --gt-bev-oracle-steps 600      # the decoder on ground-truth BEV only
     python scripts/bench_learning.py --steps 0 --temporal-oracle-steps 5000   # velocity through TSA, ground-truth BEV
@@ -30,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="a synthetic nuScenes root with infos (default: the "
                                                           "embedded set, written under --synthetic-parent)")
     parser.add_argument("--synthetic-parent", default="data")
+    parser.add_argument("--extra-train-scenes", type=int, default=0,
+                        help="training scenes added to the embedded set's 80 (same 8 held-out scenes; the larger set "
+                             "is written under --synthetic-parent on first use, ~0.4 s per scene)")
     parser.add_argument("--out", default="runs/bench_learning", help="output folder (default runs/bench_learning)")
     parser.add_argument("--controls", nargs="+", default=["scrambled", "no_history"],
                         help="controls to run: scrambled, no_history, or none")
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
                    out_dir=args.out, controls=controls, val_every_n_epochs=args.val_every_n_epochs,
                    yaw_breakdown=not args.no_yaw_breakdown, synthetic_parent=args.synthetic_parent,
                    gt_bev_oracle_steps=args.gt_bev_oracle_steps,
-                   temporal_oracle_steps=args.temporal_oracle_steps)
+                   temporal_oracle_steps=args.temporal_oracle_steps, extra_train_scenes=args.extra_train_scenes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

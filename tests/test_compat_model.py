@@ -210,6 +210,8 @@ def test_shipped_configs_hold_the_official_model_sections():
         cfg = load_config(f"bevformer_{variant}")
         assert cfg.model == v1.official_model_config(variant), variant
         assert cfg.data.class_names == v1.official_config(variant).data.class_names
+        assert cfg.model.attribute_rule == "velocity", variant  # the official evaluation's attributes
+    assert load_config("bev_tiny").model.attribute_rule == "class_default"
     default = load_config("bev_tiny").model.encoder  # bevdeform's own configs keep the default path
     assert (default.temporal_alignment, default.tsa_value, default.pillar_heights, default.sca_half_pixel,
             default.sca_visibility, default.ego_motion_input, default.official_shift_ref_inplace_bug) == (

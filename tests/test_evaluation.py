@@ -17,8 +17,8 @@ from pyquaternion import Quaternion
 from bevdeform import geometry
 from bevdeform.data.infos import CLASS_NAMES
 from bevdeform.evaluation import (
-    CAMERA_ONLY_META, DEFAULT_ATTRIBUTES, MAX_BOXES_PER_SAMPLE, boxes_to_results, format_metrics_table,
-    write_results_json,
+    CAMERA_ONLY_META, DEFAULT_ATTRIBUTES, MAX_BOXES_PER_SAMPLE, attribute_names_of, boxes_to_results,
+    format_metrics_table, write_results_json,
 )
 
 
@@ -81,6 +81,74 @@ def test_given_attributes_no_velocity_and_bad_arguments():
         boxes_to_results("tok", boxes, None, [0.9], [0, 8], np.eye(4))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         boxes_to_results("tok", boxes, None, [0.9, 0.8], [0, 10], np.eye(4))
+
+
+def official_attribute(name, velocity_global_xy):
+    """mmdet3d 0.17 NuScenesDataset._format_bbox's choice, written out as its if-chain (the official semantics)."""
+    defaults = {"car": "vehicle.parked", "pedestrian": "pedestrian.moving", "trailer": "vehicle.parked",
+                "truck": "vehicle.parked", "bus": "vehicle.moving", "motorcycle": "cycle.without_rider",
+                "construction_vehicle": "vehicle.parked", "bicycle": "cycle.without_rider", "barrier": "",
+                "traffic_cone": ""}
+    if math.sqrt(velocity_global_xy[0] ** 2 + velocity_global_xy[1] ** 2) > 0.2:
+        if name in ["car", "construction_vehicle", "bus", "truck", "trailer"]:
+            return "vehicle.moving"
+        if name in ["bicycle", "motorcycle"]:
+            return "cycle.with_rider"
+        return defaults[name]
+    if name == "pedestrian":
+        return "pedestrian.standing"
+    if name == "bus":
+        return "vehicle.stopped"
+    return defaults[name]
+
+
+def test_attributes_from_velocity_are_the_official_choice_in_the_global_frame():
+    rng = np.random.default_rng(7)
+    n = 400
+    labels = rng.integers(0, len(CLASS_NAMES), size=n)
+    # Speeds around the 0.2 m/s threshold (a hair either side of it included) and well above it.
+    speed = np.concatenate([rng.uniform(0.0, 0.4, n // 2), rng.uniform(0.4, 15.0, n - n // 2)])
+    speed[:10] = 0.2 - 1e-6
+    speed[10:20] = 0.2 + 1e-6
+    heading = rng.uniform(-math.pi, math.pi, n)
+    velocities_ego = np.stack([speed * np.cos(heading), speed * np.sin(heading)], axis=1)  # (n, 2)
+    ego2global = np.eye(4)
+    ego2global[:3, :3] = Quaternion(axis=[0, 0, 1], degrees=131.0).rotation_matrix
+    ego2global[:3, 3] = [600.0, 1700.0, 0.0]
+    boxes, _, scores, _ = make_predictions(rng, n)
+    attributes = attribute_names_of(torch.from_numpy(labels), torch.from_numpy(velocities_ego), rule="velocity")
+    results = boxes_to_results("tok", boxes, velocities_ego, scores, labels, ego2global, attribute_names=attributes)
+    # The official code decides on the global-frame velocity of each result.
+    for result in results:
+        assert result["attribute_name"] == official_attribute(result["detection_name"], result["velocity"])
+    assert {"vehicle.moving", "vehicle.stopped", "pedestrian.standing", "cycle.with_rider", "vehicle.parked",
+            "cycle.without_rider", "pedestrian.moving", ""} <= set(attributes)
+    assert attribute_names_of(labels, velocities_ego) == [DEFAULT_ATTRIBUTES[CLASS_NAMES[k]] for k in labels]
+    assert attribute_names_of(labels, None, rule="velocity") == [official_attribute(CLASS_NAMES[k], (0, 0))
+                                                                 for k in labels]
+    with pytest.raises(ValueError, match="attribute rule 'speed'"):
+        attribute_names_of(labels, velocities_ego, rule="speed")
+    with pytest.raises(ValueError, match="3 labels but 2 velocities"):
+        attribute_names_of([0, 1, 2], np.zeros((2, 2)), rule="velocity")
+
+
+def test_validation_results_carry_the_configured_attribute_rule():
+    from bevdeform.lit import BEVFormerModule
+
+    class EgoFrameDetector(torch.nn.Module):
+        input_frame = "ego"
+
+    boxes = torch.tensor([[1.0, 2.0, 0.5, 1.9, 4.5, 1.6, 0.3, 3.0, -1.0],   # moving car
+                          [5.0, -2.0, 0.5, 0.6, 0.7, 1.8, -1.0, 0.0, 0.1],  # standing pedestrian
+                          [9.0, 4.0, 1.5, 2.9, 11.0, 3.4, 2.0, 0.05, 0.0]], dtype=torch.float64)  # stopped bus
+    found = [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 8, 3])}]
+    batch = {"sample_token": ["s0"], "ego2global": torch.eye(4, dtype=torch.float64)[None, None]}
+    by_velocity = BEVFormerModule(EgoFrameDetector(), attribute_rule="velocity").results_of_batch(batch, found)["s0"]
+    assert [r["attribute_name"] for r in by_velocity] == ["vehicle.moving", "pedestrian.standing", "vehicle.stopped"]
+    default = BEVFormerModule(EgoFrameDetector()).results_of_batch(batch, found)["s0"]
+    assert [r["attribute_name"] for r in default] == ["vehicle.parked", "pedestrian.moving", "vehicle.moving"]
+    with pytest.raises(ValueError, match="attribute_rule='fast'"):
+        BEVFormerModule(EgoFrameDetector(), attribute_rule="fast")
 
 
 def test_results_file_layout_and_nan_rejected(tmp_path):

@@ -153,3 +153,30 @@ def test_run_learning_refuses_a_run_that_stopped_short(tmp_path, monkeypatch):
         run_learning("learned", "bev_nano", [], tmp_path / "data", tmp_path, max_steps=2880)
     with pytest.raises(ValueError, match="max_steps=0"):
         run_learning("learned", "bev_nano", [], tmp_path / "data", tmp_path, max_steps=0)
+
+
+def test_extra_training_scenes_reach_the_data_spec_and_bad_values_are_refused(tmp_path, monkeypatch):
+    import bevdeform.train
+    from bevdeform.learning_bench import main
+    from bevdeform.train import EMBEDDED_SYNTHETIC
+
+    specs = []
+
+    class Written(Exception):
+        pass
+
+    def prepare(spec, parent):
+        specs.append(spec)
+        raise Written
+
+    monkeypatch.setattr(bevdeform.train, "prepare_synthetic_data", prepare)
+    with pytest.raises(Written):
+        main(steps=0, out_dir=tmp_path, controls=(), extra_train_scenes=160)
+    assert specs[0].extra_train_scenes == 160
+    assert {**vars(specs[0]), "extra_train_scenes": 0} == vars(EMBEDDED_SYNTHETIC)  # the same held-out scenes
+    # The larger set gets its own folder; the embedded set's folder keeps the name it had before the option.
+    assert specs[0].folder_name() != EMBEDDED_SYNTHETIC.folder_name() == "synthetic-58dfe0b601"
+    with pytest.raises(ValueError, match="extra_train_scenes=160: expected >= 0, and 0 with data_root"):
+        main(steps=0, out_dir=tmp_path, controls=(), data_root=tmp_path, extra_train_scenes=160)
+    with pytest.raises(ValueError, match="extra_train_scenes=-1"):
+        main(steps=0, out_dir=tmp_path, controls=(), extra_train_scenes=-1)

@@ -397,3 +397,39 @@ def test_default_size_scenes_have_every_class_and_plausible_objects():
         moving = [inst for inst in plan.instances if inst.motion.is_moving()]
         assert moving, plan.name
     assert kinds == set(synthetic.EGO_MANEUVERS)
+
+
+def test_extra_training_scenes_keep_the_validation_scenes(data_root, tmp_path):
+    """Scenes added with extra_train_scenes join the training split; the validation scenes, their annotations
+    and images are those of the set without them (the learning benchmark compares runs on both)."""
+    bigger = synthetic.write_synthetic_nuscenes(tmp_path / "bigger", **TINY, extra_train_scenes=2)
+    small_splits = json.loads((data_root / VERSION / "splits.json").read_text())
+    splits = json.loads((bigger / VERSION / "splits.json").read_text())
+    assert splits[synthetic.VAL_SPLIT] == small_splits[synthetic.VAL_SPLIT]
+    assert splits[synthetic.TRAIN_SPLIT][:TINY["num_scenes"]] == small_splits[synthetic.TRAIN_SPLIT]
+    extra = splits[synthetic.TRAIN_SPLIT][TINY["num_scenes"]:]
+    assert len(extra) == 2 and not set(extra) & set(small_splits[synthetic.TRAIN_SPLIT] + splits[synthetic.VAL_SPLIT])
+
+    def annotations_of(root, scene_names):
+        nusc = NuScenes(VERSION, dataroot=str(root), verbose=False)
+        scenes = [s for s in nusc.scene if s["name"] in scene_names]
+        out = []
+        for scene in scenes:
+            token = scene["first_sample_token"]
+            while token:
+                sample = nusc.get("sample", token)
+                for ann_token in sample["anns"]:
+                    ann = nusc.get("sample_annotation", ann_token)
+                    out.append((scene["name"], ann["translation"], ann["size"], ann["rotation"]))
+                camera = nusc.get("sample_data", sample["data"]["CAM_FRONT"])
+                out.append((root / camera["filename"]).read_bytes())
+                token = sample["next"]
+        return out
+
+    val_scenes = small_splits[synthetic.VAL_SPLIT]
+    assert annotations_of(bigger, val_scenes) == annotations_of(data_root, val_scenes)
+    meta = json.loads((bigger / synthetic.GENERATOR_FILE).read_text())
+    assert meta["extra_train_scenes"] == 2
+    assert "extra_train_scenes" not in json.loads((data_root / synthetic.GENERATOR_FILE).read_text())
+    with pytest.raises(ValueError, match="extra_train_scenes"):
+        synthetic.write_synthetic_nuscenes(tmp_path / "bad", **TINY, extra_train_scenes=-1)

@@ -1639,16 +1639,21 @@ def write_synthetic_nuscenes(out_dir, num_scenes: int = DEFAULT_NUM_SCENES,
                              num_val_scenes: int = DEFAULT_NUM_VAL_SCENES,
                              samples_per_scene: int = DEFAULT_SAMPLES_PER_SCENE, seed: int = 0,
                              scale: float = DEFAULT_SCALE, objects_per_sample: int = DEFAULT_OBJECTS_PER_SAMPLE,
-                             progress: bool = True) -> Path:
+                             progress: bool = True, extra_train_scenes: int = 0) -> Path:
     """Write a synthetic nuScenes dataset (version `v1.0-synthetic`) under out_dir and return the data root.
 
     num_scenes training scenes (split `synthetic_train`) and num_val_scenes validation scenes (`synthetic_val`)
     of samples_per_scene keyframes (2 Hz) each; images of 1600x900 * scale pixels; about objects_per_sample
     objects within 60 m of the ego. The same arguments always give byte-identical files.
+    extra_train_scenes more training scenes come after the validation scenes (scene indices num_scenes +
+    num_val_scenes onwards), so a larger training set keeps the validation scenes of the smaller one: the
+    validation scenes of (80, 8, extra 160) are those of (80, 8); each scene depends on its index and the seed only.
     Load it with `NuScenes('v1.0-synthetic', dataroot=out_dir)`; evaluate with eval_set='synthetic_val'.
     """
     if num_scenes < 0 or num_val_scenes < 0 or num_scenes + num_val_scenes < 1:
         raise ValueError(f"need at least one scene, got num_scenes={num_scenes}, num_val_scenes={num_val_scenes}")
+    if extra_train_scenes < 0:
+        raise ValueError(f"extra_train_scenes must be >= 0, got {extra_train_scenes}")
     if samples_per_scene < 2:
         raise ValueError(f"samples_per_scene must be >= 2 (velocities need two keyframes), got {samples_per_scene}")
     if not 0.01 <= scale <= 2.0:
@@ -1661,7 +1666,7 @@ def write_synthetic_nuscenes(out_dir, num_scenes: int = DEFAULT_NUM_SCENES,
     for sub in [VERSION, "maps", "can_bus"] + [f"samples/{ch}" for ch in CAMERA_CHANNELS + (LIDAR_CHANNEL,)]:
         (root / sub).mkdir(parents=True, exist_ok=True)
     tables = _Tables(config.seed)
-    total = num_scenes + num_val_scenes
+    total = num_scenes + num_val_scenes + extra_train_scenes
     names = []
     start = time.perf_counter()
     for scene_index in range(total):
@@ -1678,14 +1683,17 @@ def write_synthetic_nuscenes(out_dir, num_scenes: int = DEFAULT_NUM_SCENES,
     for name in TABLE_NAMES:
         with open(root / VERSION / f"{name}.json", "w") as f:
             json.dump(tables.records[name], f, indent=0)
-    splits = {TRAIN_SPLIT: names[:num_scenes], VAL_SPLIT: names[num_scenes:]}
+    num_first = num_scenes + num_val_scenes
+    splits = {TRAIN_SPLIT: names[:num_scenes] + names[num_first:], VAL_SPLIT: names[num_scenes:num_first]}
     with open(root / VERSION / "splits.json", "w") as f:
         json.dump(splits, f, indent=0)
     with open(root / GENERATOR_FILE, "w") as f:
         json.dump({"format": "bevdeform-synthetic-nuscenes", "format_version": 1, "version": VERSION,
                    "seed": config.seed, "num_scenes": num_scenes, "num_val_scenes": num_val_scenes,
                    "samples_per_scene": config.samples_per_scene, "scale": config.scale,
-                   "objects_per_sample": config.objects_per_sample, "scene_names": names}, f, indent=1)
+                   "objects_per_sample": config.objects_per_sample, "scene_names": names,
+                   # only when used, so the files of a set without extra scenes stay as they were
+                   **({"extra_train_scenes": extra_train_scenes} if extra_train_scenes else {})}, f, indent=1)
     if progress:
         print(f"[synthetic] wrote {total} scenes x {samples_per_scene} samples to {root} in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
