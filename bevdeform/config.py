@@ -140,6 +140,8 @@ class DecoderConfig:
     query_init: str = "learned"
     # the velocity outputs of the regression branch times this are (vx, vy) in m/s; 1.0 = BEVFormer (raw m/s)
     velocity_scale_mps: float = 1.0
+    # the heading outputs of the regression branch times this are (sin, cos) of the yaw; 1.0 = BEVFormer
+    heading_scale: float = 1.0
 
 
 @dataclass
@@ -271,6 +273,8 @@ class Config:
             _require(getattr(m.encoder, option) in allowed, f"model.encoder.{option}", getattr(m.encoder, option),
                      " or ".join(allowed))
         _require(m.decoder.num_queries >= 1, "model.decoder.num_queries", m.decoder.num_queries, ">= 1")
+        for scale in ("velocity_scale_mps", "heading_scale"):
+            _require(getattr(m.decoder, scale) > 0, f"model.decoder.{scale}", getattr(m.decoder, scale), "> 0")
         _require(m.decoder.query_init in ("learned", "heatmap"), "model.decoder.query_init", m.decoder.query_init,
                  "learned or heatmap")
         _require(m.decoder.query_init != "heatmap" or m.loss.bev_heatmap_weight > 0, "model.decoder.query_init",
@@ -644,6 +648,7 @@ def build_model(cfg: Config):
         dropout=m.decoder.dropout,
         query_init=m.decoder.query_init,
         velocity_scale_mps=m.decoder.velocity_scale_mps,
+        heading_scale=m.decoder.heading_scale,
     )
     loss = DetectionLoss(
         num_classes=len(d.class_names),

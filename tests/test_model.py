@@ -726,3 +726,29 @@ def test_velocity_scale_multiplies_only_the_velocity_outputs():
         DetectionDecoder(32, 1, 4, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, velocity_scale_mps=0.0)
     cfg = load_config("bev_nano", ["model.decoder.velocity_scale_mps=10"])
     assert build_model(cfg).decoder.velocity_scale_mps == 10.0
+
+
+def test_heading_scale_multiplies_only_the_heading_outputs():
+    """heading_scale: code dims 6, 7 (sin, cos of the yaw) are the branch's outputs times the scale; every other
+    dim is untouched; 1.0 (BEVFormer) is the branch's raw output, so published checkpoints decode unchanged."""
+    raw, scaled = [], []
+    for scale, store in ((1.0, raw), (7.0, scaled)):
+        torch.manual_seed(0)
+        decoder = DetectionDecoder(32, 2, 20, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, dropout=0.0,
+                                   velocity_scale_mps=3.0, heading_scale=scale)
+        outputs = []
+        decoder.reg_branches[-1].register_forward_hook(lambda module, inputs, output: outputs.append(output))
+        _, codes = decoder(torch.randn(2, 8 * 12, 32, generator=torch.Generator().manual_seed(1)))
+        store.extend([codes[-1], outputs[0]])
+    torch.testing.assert_close(scaled[1], raw[1])  # same branch outputs (same weights and inputs)
+    torch.testing.assert_close(scaled[0][..., 6:8], 7.0 * raw[1][..., 6:8])
+    torch.testing.assert_close(scaled[0][..., :6], raw[0][..., :6])
+    torch.testing.assert_close(scaled[0][..., 8:10], raw[0][..., 8:10])
+    assert torch.equal(raw[0][..., 6:8], raw[1][..., 6:8])  # BEVFormer's default: the raw outputs, bit for bit
+    torch.testing.assert_close(raw[0][..., 8:10], 3.0 * raw[1][..., 8:10])
+    with pytest.raises(ValueError, match="heading_scale"):
+        DetectionDecoder(32, 1, 4, 4, 4, 64, NUM_CLASSES, 10, 8, 12, RANGE, heading_scale=0.0)
+    cfg = load_config("bev_nano", ["model.decoder.heading_scale=10"])
+    assert build_model(cfg).decoder.heading_scale == 10.0
+    with pytest.raises(ValueError, match="model.decoder.heading_scale"):
+        load_config("bev_nano", ["model.decoder.heading_scale=-1"])

@@ -140,6 +140,10 @@ class DetectionDecoder(nn.Module):
             before they become the codes' (vx, vy) in m/s: 1.0 is BEVFormer's (raw outputs in m/s, so published
             checkpoints load unchanged); 10.0 lets a freshly initialised branch (outputs ~0.1) reach traffic speeds
             with the step sizes of the other dims (measured in docs/benchmarks.md "Learning (issue 14)").
+        heading_scale: the regression branch's heading outputs (code dims 6, 7) are multiplied by this before
+            they become the codes' (sin, cos) of the yaw: 1.0 is BEVFormer's (published checkpoints load unchanged);
+            10.0 lets a freshly initialised branch move them as fast as the velocity's (on 8 overfit frames mAOE
+            0.27 -> 0.009, docs/benchmarks.md "1 m BEV cells").
 
     Forward: ``bev (B, bev_h * bev_w, C) [, heatmap_logits (B, num_classes, bev_h, bev_w)] -> (all_cls_logits
     (L, B, Q, num_classes), all_box_codes (L, B, Q, 10))`` with L = num_layers; codes in metres (ego frame) for
@@ -162,11 +166,14 @@ class DetectionDecoder(nn.Module):
         dropout: float = 0.1,
         query_init: str = "learned",
         velocity_scale_mps: float = 1.0,
+        heading_scale: float = 1.0,
     ):
         super().__init__()
-        if not velocity_scale_mps > 0:
-            raise ValueError(f"DetectionDecoder: velocity_scale_mps={velocity_scale_mps}, expected > 0")
+        for name, scale in (("velocity_scale_mps", velocity_scale_mps), ("heading_scale", heading_scale)):
+            if not scale > 0:
+                raise ValueError(f"DetectionDecoder: {name}={scale}, expected > 0")
         self.velocity_scale_mps = float(velocity_scale_mps)
+        self.heading_scale = float(heading_scale)
         if query_init not in ("learned", "heatmap"):
             raise ValueError(f"DetectionDecoder: query_init={query_init!r}, expected 'learned' or 'heatmap'")
         if query_init == "heatmap" and num_queries > num_classes * bev_h * bev_w:
@@ -319,10 +326,11 @@ class DetectionDecoder(nn.Module):
             refined = (inverse_sigmoid(reference) + centre_deltas).sigmoid()  # (B, Q, 3) normalised
             centre_m = self.normalised_to_metres(refined)  # (B, Q, 3) metres
             # Write the metric centre into dims 0, 1, 4 out of place, keeping the autograd graph of the others.
-            # Dims 8, 9 (vx, vy) in m/s: the branch's outputs times velocity_scale_mps.
+            # Dims 6, 7 (sin, cos of the yaw): the branch's outputs times heading_scale; dims 8, 9 (vx, vy) in m/s:
+            # times velocity_scale_mps.
             codes = torch.cat(
-                (centre_m[..., 0:2], codes[..., 2:4], centre_m[..., 2:3], codes[..., 5:8],
-                 codes[..., 8:10] * self.velocity_scale_mps), dim=-1
+                (centre_m[..., 0:2], codes[..., 2:4], centre_m[..., 2:3], codes[..., 5:6],
+                 codes[..., 6:8] * self.heading_scale, codes[..., 8:10] * self.velocity_scale_mps), dim=-1
             )  # (B, Q, 10)
             all_cls_logits.append(cls_logits)
             all_box_codes.append(codes)
